@@ -1,0 +1,61 @@
+"""Small pure helpers: device choice, image conversion and hashing, mask geometry."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"``/None -> cuda when available, else cpu; anything else as given."""
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def validate_rgb_image(image: np.ndarray) -> np.ndarray:
+    """Check an HxWx3 uint8 RGB array (C-contiguous copy if needed)."""
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"image must be a numpy array, got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be H x W x 3 (RGB), got shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8, got {image.dtype}")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"image is empty: shape {image.shape}")
+    return np.ascontiguousarray(image)
+
+
+def image_to_tensor(image: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """HxWx3 uint8 RGB -> (1, 3, H, W) float32 in [0, 1]."""
+    image = validate_rgb_image(image)
+    tensor = torch.from_numpy(image).to(device)
+    return tensor.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+
+
+def image_content_hash(image: np.ndarray) -> str:
+    """Hex digest of an image's shape, dtype and pixels (what the model sees, not the file)."""
+    image = np.ascontiguousarray(image)
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{image.shape}|{image.dtype}|".encode())
+    digest.update(memoryview(image).cast("B"))
+    return digest.hexdigest()
+
+
+def mask_iou(first: np.ndarray | torch.Tensor, second: np.ndarray | torch.Tensor) -> float:
+    """Intersection over union of two boolean masks of the same shape (1.0 if both empty)."""
+    a = torch.as_tensor(first).bool()
+    b = torch.as_tensor(second).bool()
+    union = (a | b).sum().item()
+    return 1.0 if union == 0 else (a & b).sum().item() / union
+
+
+def mask_to_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Tight (x0, y0, x1, y1) pixel box of a boolean HxW mask (inclusive), None if empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])

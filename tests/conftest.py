@@ -1,0 +1,80 @@
+"""Shared test fixtures: paths to ../shared, the random-weight Ti checkpoint, the reference image."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(os.environ.get("EFFICIENTSAM_SHARED_DIR", REPO_ROOT.parent / "shared"))
+FIXTURES_DIR = SHARED_DIR / "fixtures"
+REFERENCE_DIR = FIXTURES_DIR / "efficientsam_ti_reference"
+TI_CHECKPOINT = FIXTURES_DIR / "efficientsam_ti_random.pt"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(
+            f"missing shared fixture {path}; the shared/ folder must sit beside the repository "
+            "(or set EFFICIENTSAM_SHARED_DIR)"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def ti_checkpoint() -> Path:
+    return _require(TI_CHECKPOINT)
+
+
+@pytest.fixture(scope="session")
+def ti_model(ti_checkpoint):
+    from efficientsam import load_model
+
+    return load_model(ti_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def reference_image() -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(_require(REFERENCE_DIR / "image_640x480.png")) as image:
+        return np.asarray(image.convert("RGB")).copy()
+
+
+@pytest.fixture(scope="session")
+def reference_embeddings(ti_model, reference_image) -> torch.Tensor:
+    from efficientsam.utils import image_to_tensor
+
+    with torch.inference_mode():
+        return ti_model.get_image_embeddings(image_to_tensor(reference_image))
+
+
+def random_state_dict(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Random tensors of the model's shapes, drawn the way the fixture README describes (norm
+    weights near 1, small biases, fan-in scaled Linear/Conv weights, wide embeddings), so that no
+    path is degenerate. Buffers (the PE Gaussian matrix) are standard normal."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            noise = torch.randn(param.shape, generator=generator)
+            if param_name == "bias":
+                values = noise * 0.05
+            elif isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)) or param.dim() == 1:
+                values = 1 + noise * 0.1
+            elif isinstance(module, torch.nn.ConvTranspose2d):
+                values = noise / param.shape[0] ** 0.5
+            elif isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                values = noise / param[0].numel() ** 0.5
+            else:  # nn.Embedding tables and the position embedding
+                values = noise * 0.5
+            state[f"{module_name}.{param_name}" if module_name else param_name] = values
+    for name, buffer in model.state_dict().items():
+        state.setdefault(name, torch.randn(buffer.shape, generator=generator))
+    return state
