@@ -59,3 +59,28 @@ def mask_to_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
         return None
     cols = np.flatnonzero(mask.any(axis=0))
     return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
+
+
+def keep_freed_memory_for_reuse(threshold_bytes: int = 32 * 1024**2) -> bool:
+    """Ask glibc's malloc to keep freed blocks of up to ``threshold_bytes`` in the heap.
+
+    By default glibc serves multi-megabyte tensors with fresh mmap()s and gives them back on
+    free, so every decoder call zero-fills ~30 MB of new pages (~7,500 page faults, ~9 ms of a
+    ~40 ms click on 2 CPU cores). Raising the mmap and trim thresholds lets the buffers be reused.
+    Process-wide, so entry points (CLI, server, worker) call it once at start-up; a library never
+    does it on import. Returns False where it does not apply (not glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    # glibc caps the mmap threshold at 32 MiB on 64-bit systems.
+    threshold = min(int(threshold_bytes), 32 * 1024**2)
+    return bool(mallopt(m_mmap_threshold, threshold)) and bool(
+        mallopt(m_trim_threshold, 2 * threshold)
+    )

@@ -9,6 +9,7 @@ from torch import nn
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import LABEL_PADDING, PromptEncoder
+from .two_way_transformer import PreparedImage
 
 PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
@@ -99,9 +100,15 @@ class EfficientSam(nn.Module):
             )
         return points, labels
 
+    def prepare_image_embeddings(self, image_embeddings: torch.Tensor) -> PreparedImage:
+        """Precompute the decoder's per-image work for (B, 256, 64, 64) embeddings; the result
+        can be passed to :meth:`predict_masks` instead of the embeddings, for many prompts."""
+        image_pe = self.prompt_encoder.get_dense_pe().to(image_embeddings.dtype)
+        return self.mask_decoder.transformer.prepare_image(image_embeddings, image_pe)
+
     def predict_masks(
         self,
-        image_embeddings: torch.Tensor,
+        image_embeddings: torch.Tensor | PreparedImage,
         batched_points: torch.Tensor,
         batched_point_labels: torch.Tensor,
         multimask_output: bool,
@@ -112,7 +119,7 @@ class EfficientSam(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder-only prediction from cached embeddings.
 
-        image_embeddings (B, 256, 64, 64); points (B, Q, N, 2) (x, y) pixels of the original
+        image_embeddings (B, 256, 64, 64) (or from :meth:`prepare_image_embeddings`); points (B, Q, N, 2) (x, y) pixels of the original
         input_w x input_h image; labels (B, Q, N). Returns logits (B, Q, K, h, w) with (h, w) =
         (output_h, output_w) when both are > 0 (bicubic upscale) else (256, 256), and raw IoU
         predictions (B, Q, K); K = 3 with ``multimask_output`` else 1.
@@ -124,14 +131,19 @@ class EfficientSam(nn.Module):
                 f"labels must be (B, Q, N) = {tuple(batched_points.shape[:-1])}, "
                 f"got {tuple(batched_point_labels.shape)}"
             )
-        if batched_points.shape[0] != image_embeddings.shape[0]:
+        reference = (
+            image_embeddings.keys
+            if isinstance(image_embeddings, PreparedImage)
+            else image_embeddings
+        )
+        if batched_points.shape[0] != reference.shape[0]:
             raise ValueError(
-                f"{image_embeddings.shape[0]} image embeddings but points for "
+                f"{reference.shape[0]} image embeddings but points for "
                 f"{batched_points.shape[0]} images"
             )
-        dtype = image_embeddings.dtype if image_embeddings.is_floating_point() else torch.float32
-        points = batched_points.to(device=image_embeddings.device, dtype=torch.float32)
-        labels = batched_point_labels.to(device=image_embeddings.device, dtype=torch.int64)
+        dtype = reference.dtype
+        points = batched_points.to(device=reference.device, dtype=torch.float32)
+        labels = batched_point_labels.to(device=reference.device, dtype=torch.int64)
         points, labels = self.fit_to_prompt_tokens(points, labels)
         points = self.rescale_points(points, input_h, input_w)
         sparse_embeddings = self.prompt_encoder(points, labels).to(dtype)

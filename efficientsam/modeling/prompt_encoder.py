@@ -67,10 +67,21 @@ class PromptEncoder(nn.Module):
         self.point_embeddings = nn.Embedding(1, embed_dim)
         self.bbox_top_left_embeddings = nn.Embedding(1, embed_dim)
         self.bbox_bottom_right_embeddings = nn.Embedding(1, embed_dim)
+        self._dense_pe: torch.Tensor | None = None
+        self._dense_pe_key: tuple | None = None
 
     def get_dense_pe(self) -> torch.Tensor:
-        """Positional encoding of the image-embedding grid, (1, 256, 64, 64)."""
-        return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+        """Positional encoding of the image-embedding grid, (1, 256, 64, 64).
+
+        Input-independent: cached until the Gaussian matrix changes (in place, by a state-dict
+        load, or by a move to another device/dtype)."""
+        matrix = self.pe_layer.positional_encoding_gaussian_matrix
+        key = (matrix.data_ptr(), matrix._version, matrix.device, matrix.dtype)
+        if self._dense_pe is None or self._dense_pe_key != key:
+            with torch.no_grad():
+                self._dense_pe = self.pe_layer(self.image_embedding_size).unsqueeze(0)
+            self._dense_pe_key = key
+        return self._dense_pe
 
     def forward(self, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         points = points + 0.5  # pixel centres

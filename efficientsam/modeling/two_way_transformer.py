@@ -7,6 +7,8 @@ the residual), and the first block keeps the self-attention residual.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,8 +46,94 @@ class Attention(nn.Module):
         return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = self.attend(self.q_proj(q), self.k_proj(k), self.v_proj(v))
-        return self.out_proj(out)
+        return self.out_proj(self.attend(self.q_proj(q), self.k_proj(k), self.v_proj(v)))
+
+    def attend_image_to_few_tokens(
+        self, projected_query: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """``out_proj(attend(projected_query, k_proj(k), v_proj(v)))`` for many image queries
+        over a few tokens.
+
+        projected_query (B, N, Ci) = ``q_proj`` of the image tokens; k, v (B, T, C), T small.
+        Scores are computed transposed, (B, heads*T, N), with a block-diagonal key matrix so all
+        heads take one matmul and the softmax runs over a non-last axis (CPU softmax over a last
+        axis of ~11 is slower than the whole matmul); the value and output projections are
+        folded into one (heads*T, C) matrix, so the output is a single matmul too.
+        """
+        batch, num_tokens, _ = k.shape
+        heads = self.num_heads
+        head_dim = self.internal_dim // heads
+        key = self.k_proj(k).view(batch, num_tokens, heads, head_dim)
+        eye = torch.eye(heads, dtype=key.dtype, device=key.device)
+        # (B, heads*T, heads*head_dim): row (g, t) holds token t's key of head g in head g's slot.
+        block_keys = torch.einsum("bthd,hg->bgthd", key * head_dim**-0.5, eye)
+        block_keys = block_keys.reshape(batch, heads * num_tokens, heads * head_dim)
+        scores = block_keys @ projected_query.transpose(1, 2)  # (B, heads*T, N)
+        weights = scores.view(batch, heads, num_tokens, -1).softmax(dim=2)
+        weights = weights.view(batch, heads * num_tokens, -1)
+        value = self.v_proj(v).view(batch, num_tokens, heads, head_dim)
+        out_weight = self.out_proj.weight.view(self.embedding_dim, heads, head_dim)
+        value_out = torch.einsum("bthd,chd->bhtc", value, out_weight)
+        value_out = value_out.reshape(batch, heads * num_tokens, self.embedding_dim)
+        return torch.baddbmm(
+            self.out_proj.bias.expand(1, 1, -1), weights.transpose(1, 2), value_out
+        )
+
+    def attend_few_queries_to_image(
+        self, q: torch.Tensor, keys: torch.Tensor, key_offset: torch.Tensor
+    ) -> torch.Tensor:
+        """``forward(q, keys + key_pe, keys)`` for a few query tokens over many image tokens,
+        without projecting the image tokens.
+
+        q (B, T, C) with T small; keys (B, N, C); key_offset = ``k_proj(key_pe)`` (1 or B, N, Ci).
+        The scores are (q_h W_k,h) keys^T + q_h . offset_h, and since each row of attention
+        weights sums to one, the output is (P_h keys) W_v,h^T + b_v: O(T * heads * N * C) work
+        instead of the O(N * C * Ci) of projecting every image token twice.
+        """
+        batch, num_tokens, channels = q.shape
+        num_keys = keys.shape[1]
+        heads = self.num_heads
+        head_dim = self.internal_dim // heads
+        query = self.q_proj(q).view(batch, num_tokens, heads, head_dim)
+        key_weight = self.k_proj.weight.view(heads, head_dim, channels)
+        query_in_key_space = torch.einsum("bthd,hdc->bhtc", query, key_weight)
+        scores = query_in_key_space.reshape(batch, heads * num_tokens, channels) @ keys.transpose(
+            1, 2
+        )
+        offset = key_offset.reshape(-1, num_keys, heads, head_dim).transpose(1, 2)
+        scores = scores.view(batch, heads, num_tokens, num_keys) + query.transpose(1, 2) @ (
+            offset.transpose(2, 3)
+        )
+        weights = (scores * head_dim**-0.5).softmax(dim=-1)
+        pooled = weights.reshape(batch, heads * num_tokens, num_keys) @ keys
+        value_weight = self.v_proj.weight.view(heads, head_dim, channels)
+        values = torch.einsum(
+            "bhtc,hdc->bthd", pooled.view(batch, heads, num_tokens, channels), value_weight
+        )
+        values = values.reshape(batch, num_tokens, heads * head_dim) + self.v_proj.bias
+        return self.out_proj(values)
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """The query-independent part of the decoder for B images: image tokens, dense PE and the
+    first block's projections of them (computed once per image, reused by every click).
+
+    keys (B, HW, C); key_pe (1, HW, C); the three projections (B, HW, C / downsample);
+    final_key_offset (1, HW, C / downsample): the final attention's key projection of key_pe.
+    """
+
+    keys: torch.Tensor
+    key_pe: torch.Tensor
+    token_to_image_key: torch.Tensor
+    token_to_image_value: torch.Tensor
+    image_to_token_query: torch.Tensor
+    final_key_offset: torch.Tensor
+    grid_size: tuple[int, int]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[0]
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -75,25 +163,60 @@ class TwoWayAttentionBlock(nn.Module):
         )
         self.skip_first_layer_pe = skip_first_layer_pe
 
+    def image_projections(
+        self, keys: torch.Tensor, key_pe: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projections that depend on the image tokens only: token->image keys and values,
+        image->token queries. keys (B, HW, C), key_pe (1, HW, C)."""
+        keys_with_pe = keys + key_pe
+        return (
+            self.cross_attn_token_to_image.k_proj(keys_with_pe),
+            self.cross_attn_token_to_image.v_proj(keys),
+            self.cross_attn_image_to_token.q_proj(keys_with_pe),
+        )
+
     def forward(
         self,
         queries: torch.Tensor,
         keys: torch.Tensor,
         query_pe: torch.Tensor,
         key_pe: torch.Tensor,
+        image_projections: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries (B, T, C) prompt tokens, keys (B, HW, C) image tokens, PEs of the same shapes."""
+        """queries (B*Q, T, C) prompt tokens of Q queries per image, query_pe the same shape;
+        keys (B*Q, HW, C) image tokens, or (B, HW, C) when they are still the same for all
+        queries of an image (first block): the image-side work is then done once per image,
+        or not at all when ``image_projections`` (from :meth:`image_projections`) are given.
+        key_pe (1, HW, C). Returns queries (B*Q, T, C), keys (B*Q, HW, C)."""
+        num_images, num_queries = keys.shape[0], queries.shape[0]
+        if image_projections is None:
+            image_projections = self.image_projections(keys, key_pe)
+        token_to_image_key, token_to_image_value, image_to_token_query = image_projections
+
         if not self.skip_first_layer_pe:
             queries = queries + query_pe
         queries = self.norm1(queries + self.self_attn(queries, queries, queries))
 
-        keys_with_pe = keys + key_pe
-        attended = self.cross_attn_token_to_image(queries + query_pe, keys_with_pe, keys)
-        queries = self.norm2(queries + attended)
+        # Token->image: the rows of attention are independent, so the tokens of all queries of
+        # one image attend to that image's keys in one call (no per-query copy of the image).
+        attention = self.cross_attn_token_to_image
+        token_queries = (queries + query_pe).reshape(num_images, -1, queries.shape[-1])
+        attended = attention.attend(
+            attention.q_proj(token_queries), token_to_image_key, token_to_image_value
+        )
+        queries = self.norm2(queries + attention.out_proj(attended).reshape(queries.shape))
 
         queries = self.norm3(queries + self.mlp(queries))
 
-        attended = self.cross_attn_image_to_token(keys_with_pe, queries + query_pe, queries)
+        attention = self.cross_attn_image_to_token
+        tokens_with_pe = queries + query_pe
+        if num_images != num_queries:
+            repeats = num_queries // num_images
+            image_to_token_query = image_to_token_query.repeat_interleave(repeats, dim=0)
+            keys = keys.repeat_interleave(repeats, dim=0)
+        attended = attention.attend_image_to_few_tokens(
+            image_to_token_query, tokens_with_pe, queries
+        )
         keys = self.norm4(keys + attended)
         return queries, keys
 
@@ -101,8 +224,8 @@ class TwoWayAttentionBlock(nn.Module):
 class TwoWayTransformer(nn.Module):
     """``depth`` two-way blocks and a final token->image attention.
 
-    image_embedding (B, C, h, w), image_pe (B, C, h, w), point_embedding (B, T, C)
-    -> token states (B, T, C), image states (B, h*w, C).
+    image (B, C, h, w) embeddings or a :class:`PreparedImage`, image_pe (1, C, h, w),
+    point_embedding (B, Q, T, C) for Q queries per image -> token states (B*Q, T, C), image states (B*Q, h*w, C), image-major.
     """
 
     def __init__(
@@ -133,17 +256,43 @@ class TwoWayTransformer(nn.Module):
         )
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
+    def prepare_image(self, image_embedding: torch.Tensor, image_pe: torch.Tensor) -> PreparedImage:
+        """image_embedding (B, C, h, w), image_pe (1, C, h, w) -> the per-image decoder inputs."""
+        keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
+        key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
+        projections = self.layers[0].image_projections(keys, key_pe)
+        final_key_offset = self.final_attn_token_to_image.k_proj(key_pe)
+        grid_size = (image_embedding.shape[2], image_embedding.shape[3])
+        return PreparedImage(keys, key_pe, *projections, final_key_offset, grid_size)
+
     def forward(
         self,
-        image_embedding: torch.Tensor,
+        image: torch.Tensor | PreparedImage,
         image_pe: torch.Tensor,
         point_embedding: torch.Tensor,
+        num_output_tokens: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = image_embedding.flatten(2).permute(0, 2, 1)
-        key_pe = image_pe.flatten(2).permute(0, 2, 1)
+        """``num_output_tokens``: return only the first tokens' states (the decoder reads the IoU
+        and mask tokens only); the final attention then runs for those tokens alone."""
+        if not isinstance(image, PreparedImage):
+            image = self.prepare_image(image, image_pe)
+        keys, key_pe = image.keys, image.key_pe
+        batch, num_queries, num_tokens, channels = point_embedding.shape
+        point_embedding = point_embedding.reshape(batch * num_queries, num_tokens, channels)
         queries = point_embedding
-        for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe)
-        attended = self.final_attn_token_to_image(queries + point_embedding, keys + key_pe, keys)
+        first_projections = (
+            image.token_to_image_key,
+            image.token_to_image_value,
+            image.image_to_token_query,
+        )
+        for index, layer in enumerate(self.layers):
+            projections = first_projections if index == 0 else None
+            queries, keys = layer(queries, keys, point_embedding, key_pe, projections)
+        if num_output_tokens is not None:
+            queries = queries[:, :num_output_tokens]
+            point_embedding = point_embedding[:, :num_output_tokens]
+        attended = self.final_attn_token_to_image.attend_few_queries_to_image(
+            queries + point_embedding, keys, image.final_key_offset
+        )
         queries = self.norm_final_attn(queries + attended)
         return queries, keys

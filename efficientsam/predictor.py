@@ -1,0 +1,263 @@
+"""Predictor: owns the image embedding of the current image and turns prompts into masks.
+
+Two ways to use it:
+* stateful, as SAM's predictor: ``set_image(image)`` then ``predict(points, labels, box)``;
+* stateless, for servers with many threads: ``embedding = embed(image)`` then
+  ``decode(embedding, prompts)``; the embedding object can be shared freely.
+Embeddings go through an :class:`~efficientsam.cache.EmbeddingCache` keyed by the encoder's
+weights fingerprint, the preprocessing/precision and the image content hash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .build import tensors_fingerprint
+from .cache import EmbeddingCache, EmbeddingKey, InMemoryEmbeddingCache
+from .modeling import EfficientSam
+from .modeling.two_way_transformer import PreparedImage
+from .prompts import Prompt, fit_prompt
+from .utils import image_content_hash, image_to_tensor, validate_rgb_image
+
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PREPROCESSING_ID = "stretch1024-bilinear-noaa-imagenet"
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """One image's encoder output. embeddings (1, 256, 64, 64); original_size (H, W) pixels."""
+
+    embeddings: torch.Tensor
+    original_size: tuple[int, int]
+    key: EmbeddingKey
+    from_cache: bool
+    encoder_seconds: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Masks for one prompt, candidates sorted by predicted IoU (best first).
+
+    masks (K, H, W) bool at the original image size; scores (K,) raw predicted IoU;
+    low_res_logits (K, 256, 256) float32; K = 3 (multimask), 1 (single mask or best only).
+    """
+
+    masks: np.ndarray
+    scores: np.ndarray
+    low_res_logits: np.ndarray
+    dropped_points: int
+    decoder_seconds: float
+
+    @property
+    def best_mask(self) -> np.ndarray:
+        return self.masks[0]
+
+    @property
+    def best_score(self) -> float:
+        return float(self.scores[0])
+
+
+class Predictor:
+    """Image -> embedding (through the cache) -> masks, scores, low-res logits.
+
+    precision: "float32" (default, matches the reference), or "bfloat16"/"float16" autocast (the
+    fast mode; bfloat16 on CPU needs AVX-512 BF16/AMX to be faster). The cache is shared by
+    whoever passes the same object; by default each predictor gets a 256 MiB in-memory LRU.
+    The decoder's per-image work (:class:`PreparedImage`, ~10 MiB each) is kept for the
+    ``prepared_images`` most recently decoded images, so repeated clicks on an image skip it.
+    """
+
+    def __init__(
+        self,
+        model: EfficientSam,
+        cache: EmbeddingCache | None = None,
+        precision: str = "float32",
+        prepared_images: int = 4,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.model = model.eval()
+        self.cache = cache if cache is not None else InMemoryEmbeddingCache(256 * 1024**2)
+        self.precision = precision
+        self._fingerprint: str | None = None
+        self._fingerprint_state: tuple | None = None
+        self._current: ImageEmbedding | None = None
+        self._prepared: OrderedDict[tuple, PreparedImage] = OrderedDict()
+        self._prepared_capacity = prepared_images
+        self._prepared_lock = threading.Lock()
+
+    # -- identity --------------------------------------------------------------------------
+    @property
+    def encoder_fingerprint(self) -> str:
+        """Hex digest of the image encoder's weights; recomputed only when they change."""
+        tensors = self.model.image_encoder.state_dict()
+        state = tuple((key, t.data_ptr(), t._version) for key, t in tensors.items())
+        if self._fingerprint is None or state != self._fingerprint_state:
+            self._fingerprint = tensors_fingerprint(tensors)
+            self._fingerprint_state = state
+        return self._fingerprint
+
+    def embedding_key(self, image_hash: str) -> EmbeddingKey:
+        return EmbeddingKey(
+            self.encoder_fingerprint, f"{PREPROCESSING_ID}-{self.precision}", image_hash
+        )
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.model.device.type, dtype=PRECISIONS[self.precision])
+
+    def _decoder_state(self) -> tuple:
+        """Changes whenever the weights behind a PreparedImage change (training, reload)."""
+        tensors = [
+            *self.model.mask_decoder.transformer.layers[0].parameters(),
+            self.model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix,
+        ]
+        return tuple((t.data_ptr(), t._version) for t in tensors)
+
+    def prepared_image(self, embedding: ImageEmbedding) -> PreparedImage:
+        """The decoder's per-image inputs for ``embedding``, from a small LRU when possible."""
+        key = (embedding.key, self._decoder_state())
+        with self._prepared_lock:
+            prepared = self._prepared.get(key)
+            if prepared is not None:
+                self._prepared.move_to_end(key)
+                return prepared
+        with torch.inference_mode(), self._autocast():
+            prepared = self.model.prepare_image_embeddings(embedding.embeddings)
+        if self._prepared_capacity > 0:
+            with self._prepared_lock:
+                self._prepared[key] = prepared
+                while len(self._prepared) > self._prepared_capacity:
+                    self._prepared.popitem(last=False)
+        return prepared
+
+    # -- stateless API ---------------------------------------------------------------------
+    def embed(self, image: np.ndarray, image_hash: str | None = None) -> ImageEmbedding:
+        """Embeddings of an HxWx3 uint8 RGB image, from the cache when possible."""
+        image = validate_rgb_image(image)
+        key = self.embedding_key(image_hash or image_content_hash(image))
+        size = (int(image.shape[0]), int(image.shape[1]))
+        cached = self.cache.get(key)
+        if cached is not None:
+            return ImageEmbedding(cached.to(self.model.device), size, key, True, 0.0)
+        started = time.perf_counter()
+        with torch.inference_mode(), self._autocast():
+            embeddings = self.model.get_image_embeddings(image_to_tensor(image, self.model.device))
+        embeddings = embeddings.float()
+        seconds = _synchronised_elapsed(started, embeddings)
+        self.cache.put(key, embeddings)
+        return ImageEmbedding(embeddings, size, key, False, seconds)
+
+    def decode(
+        self,
+        embedding: ImageEmbedding,
+        prompts: Sequence[Prompt],
+        multimask_output: bool = True,
+        return_best_only: bool = False,
+    ) -> list[Prediction]:
+        """Masks for several prompts on one image in one batched decoder call.
+
+        Points outside the image are clamped to its border (the raw model would turn negative
+        coordinates into padding-like -1 tokens).
+        """
+        if not prompts:
+            return []
+        height, width = embedding.original_size
+        fitted = [fit_prompt(prompt) for prompt in prompts]
+        num_tokens = max(len(f.labels) for f in fitted)
+        points = np.full((1, len(fitted), num_tokens, 2), -1.0, np.float32)
+        labels = np.full((1, len(fitted), num_tokens), -1, np.int64)
+        for index, prompt in enumerate(fitted):
+            count = len(prompt.labels)
+            points[0, index, :count, 0] = np.clip(prompt.points[:, 0], 0, width)
+            points[0, index, :count, 1] = np.clip(prompt.points[:, 1], 0, height)
+            labels[0, index, :count] = prompt.labels
+        started = time.perf_counter()
+        device = self.model.device
+        prepared = self.prepared_image(embedding)
+        with torch.inference_mode(), self._autocast():
+            low_res, iou = self.model.predict_masks(
+                prepared,
+                torch.from_numpy(points).to(device),
+                torch.from_numpy(labels).to(device),
+                multimask_output,
+                height,
+                width,
+            )
+            low_res, iou = low_res[0].float(), iou[0].float()  # (Q, K, 256, 256), (Q, K)
+            order = iou.argsort(dim=-1, descending=True)
+            if return_best_only:
+                order = order[:, :1]
+            iou = iou.gather(1, order)
+            low_res = low_res.gather(1, order[:, :, None, None].expand(-1, -1, *low_res.shape[2:]))
+            logits = F.interpolate(
+                low_res, size=(height, width), mode="bicubic", align_corners=False
+            )
+            masks = logits >= self.model.mask_threshold
+        seconds = _synchronised_elapsed(started, masks)
+        masks_np, iou_np, low_res_np = masks.cpu().numpy(), iou.cpu().numpy(), low_res.cpu().numpy()
+        return [
+            Prediction(masks_np[i], iou_np[i], low_res_np[i], fitted[i].dropped_points, seconds)
+            for i in range(len(fitted))
+        ]
+
+    # -- stateful API ----------------------------------------------------------------------
+    def set_image(self, image: np.ndarray, image_hash: str | None = None) -> ImageEmbedding:
+        """Compute (or fetch from the cache) the embedding that ``predict`` will use."""
+        self._current = self.embed(image, image_hash)
+        return self._current
+
+    def reset_image(self) -> None:
+        self._current = None
+
+    @property
+    def is_image_set(self) -> bool:
+        return self._current is not None
+
+    @property
+    def image_embedding(self) -> ImageEmbedding:
+        if self._current is None:
+            raise RuntimeError("no image set: call set_image(image) before predict()")
+        return self._current
+
+    def predict(
+        self,
+        points: Sequence[Sequence[float]] | np.ndarray | None = None,
+        labels: Sequence[int] | np.ndarray | None = None,
+        box: Sequence[float] | np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_best_only: bool = False,
+    ) -> Prediction:
+        """Masks for one prompt on the current image.
+
+        points (N, 2) (x, y) pixels of the original image, oldest click first; labels (N,)
+        1 positive / 0 negative (default all positive); box (x0, y0, x1, y1) pixels.
+        """
+        embedding = self.image_embedding
+        prompt = Prompt.create(points, labels, box)
+        return self.decode(embedding, [prompt], multimask_output, return_best_only)[0]
+
+    def predict_prompts(
+        self,
+        prompts: Sequence[Prompt],
+        multimask_output: bool = True,
+        return_best_only: bool = False,
+    ) -> list[Prediction]:
+        """Several prompts on the current image, one batched decoder call."""
+        return self.decode(self.image_embedding, prompts, multimask_output, return_best_only)
+
+
+def _synchronised_elapsed(started: float, tensor: torch.Tensor) -> float:
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+    return time.perf_counter() - started
