@@ -119,8 +119,10 @@ class PreparedImage:
     """The query-independent part of the decoder for B images: image tokens, dense PE and the
     first block's projections of them (computed once per image, reused by every click).
 
-    keys (B, HW, C); key_pe (1, HW, C); the three projections (B, HW, C / downsample);
-    final_key_offset (1, HW, C / downsample): the final attention's key projection of key_pe.
+    keys (B, HW, C); key_pe (1, HW, C); the first block's three projections (B, HW, Ci);
+    later_block_offsets: for each later block, its projections of key_pe (1, HW, Ci), see
+    :meth:`TwoWayAttentionBlock.key_pe_offsets`; final_key_offset (1, HW, Ci): the final
+    attention's key projection of key_pe. Ci = C / attention downsample rate.
     """
 
     keys: torch.Tensor
@@ -128,6 +130,7 @@ class PreparedImage:
     token_to_image_key: torch.Tensor
     token_to_image_value: torch.Tensor
     image_to_token_query: torch.Tensor
+    later_block_offsets: tuple[tuple[torch.Tensor, torch.Tensor], ...]
     final_key_offset: torch.Tensor
     grid_size: tuple[int, int]
 
@@ -175,6 +178,16 @@ class TwoWayAttentionBlock(nn.Module):
             self.cross_attn_image_to_token.q_proj(keys_with_pe),
         )
 
+    def key_pe_offsets(self, key_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights' projections of the dense PE, (1, HW, Ci) each: token->image
+        ``k_proj(key_pe)`` and image->token ``q_proj(key_pe)``, biases included. By linearity
+        ``proj(keys + key_pe) = keys @ W^T + proj(key_pe)``, so ``keys + key_pe`` is never
+        materialised."""
+        return (
+            self.cross_attn_token_to_image.k_proj(key_pe),
+            self.cross_attn_image_to_token.q_proj(key_pe),
+        )
+
     def forward(
         self,
         queries: torch.Tensor,
@@ -182,17 +195,16 @@ class TwoWayAttentionBlock(nn.Module):
         query_pe: torch.Tensor,
         key_pe: torch.Tensor,
         image_projections: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        key_pe_offsets: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """queries (B*Q, T, C) prompt tokens of Q queries per image, query_pe the same shape;
         keys (B*Q, HW, C) image tokens, or (B, HW, C) when they are still the same for all
         queries of an image (first block): the image-side work is then done once per image,
         or not at all when ``image_projections`` (from :meth:`image_projections`) are given.
-        key_pe (1, HW, C). Returns queries (B*Q, T, C), keys (B*Q, HW, C)."""
+        Otherwise the image tokens are only ever multiplied by the few prompt tokens' vectors
+        (``key_pe_offsets``, computed from key_pe when not given). key_pe (1, HW, C).
+        Returns queries (B*Q, T, C), keys (B*Q, HW, C)."""
         num_images, num_queries = keys.shape[0], queries.shape[0]
-        if image_projections is None:
-            image_projections = self.image_projections(keys, key_pe)
-        token_to_image_key, token_to_image_value, image_to_token_query = image_projections
-
         if not self.skip_first_layer_pe:
             queries = queries + query_pe
         queries = self.norm1(queries + self.self_attn(queries, queries, queries))
@@ -201,14 +213,31 @@ class TwoWayAttentionBlock(nn.Module):
         # one image attend to that image's keys in one call (no per-query copy of the image).
         attention = self.cross_attn_token_to_image
         token_queries = (queries + query_pe).reshape(num_images, -1, queries.shape[-1])
-        attended = attention.attend(
-            attention.q_proj(token_queries), token_to_image_key, token_to_image_value
-        )
-        queries = self.norm2(queries + attention.out_proj(attended).reshape(queries.shape))
+        if image_projections is not None:
+            token_to_image_key, token_to_image_value, image_to_token_query = image_projections
+            attended = attention.out_proj(
+                attention.attend(
+                    attention.q_proj(token_queries), token_to_image_key, token_to_image_value
+                )
+            )
+        else:
+            if key_pe_offsets is None:
+                key_pe_offsets = self.key_pe_offsets(key_pe)
+            token_to_image_key_offset, image_to_token_query_offset = key_pe_offsets
+            attended = attention.attend_few_queries_to_image(
+                token_queries, keys, token_to_image_key_offset
+            )
+        queries = self.norm2(queries + attended.reshape(queries.shape))
 
         queries = self.norm3(queries + self.mlp(queries))
 
         attention = self.cross_attn_image_to_token
+        if image_projections is None:
+            image_to_token_query = torch.baddbmm(
+                image_to_token_query_offset.to(keys.dtype),
+                keys,
+                attention.q_proj.weight.t().to(keys.dtype).expand(keys.shape[0], -1, -1),
+            )
         tokens_with_pe = queries + query_pe
         if num_images != num_queries:
             repeats = num_queries // num_images
@@ -261,9 +290,12 @@ class TwoWayTransformer(nn.Module):
         keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
         key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         projections = self.layers[0].image_projections(keys, key_pe)
+        later_block_offsets = tuple(layer.key_pe_offsets(key_pe) for layer in self.layers[1:])
         final_key_offset = self.final_attn_token_to_image.k_proj(key_pe)
         grid_size = (image_embedding.shape[2], image_embedding.shape[3])
-        return PreparedImage(keys, key_pe, *projections, final_key_offset, grid_size)
+        return PreparedImage(
+            keys, key_pe, *projections, later_block_offsets, final_key_offset, grid_size
+        )
 
     def forward(
         self,
@@ -286,8 +318,11 @@ class TwoWayTransformer(nn.Module):
             image.image_to_token_query,
         )
         for index, layer in enumerate(self.layers):
-            projections = first_projections if index == 0 else None
-            queries, keys = layer(queries, keys, point_embedding, key_pe, projections)
+            if index == 0:
+                queries, keys = layer(queries, keys, point_embedding, key_pe, first_projections)
+            else:
+                offsets = image.later_block_offsets[index - 1]
+                queries, keys = layer(queries, keys, point_embedding, key_pe, None, offsets)
         if num_output_tokens is not None:
             queries = queries[:, :num_output_tokens]
             point_embedding = point_embedding[:, :num_output_tokens]
