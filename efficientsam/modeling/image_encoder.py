@@ -139,7 +139,8 @@ class ImageEncoderViT(nn.Module):
             return self._resize_pos_embed(pos_embed)
         key = (pos_embed.data_ptr(), pos_embed._version, pos_embed.device, pos_embed.dtype)
         if self._resized_pos_embed is None or self._resized_pos_embed_key != key:
-            with torch.no_grad():
+            # A normal (not inference-mode) tensor, so training may use it after inference did.
+            with torch.inference_mode(False), torch.no_grad():
                 self._resized_pos_embed = self._resize_pos_embed(pos_embed)
             self._resized_pos_embed_key = key
         return self._resized_pos_embed

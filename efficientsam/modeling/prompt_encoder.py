@@ -78,7 +78,8 @@ class PromptEncoder(nn.Module):
         matrix = self.pe_layer.positional_encoding_gaussian_matrix
         key = (matrix.data_ptr(), matrix._version, matrix.device, matrix.dtype)
         if self._dense_pe is None or self._dense_pe_key != key:
-            with torch.no_grad():
+            # A normal (not inference-mode) tensor, so training may use it after inference did.
+            with torch.inference_mode(False), torch.no_grad():
                 self._dense_pe = self.pe_layer(self.image_embedding_size).unsqueeze(0)
             self._dense_pe_key = key
         return self._dense_pe

@@ -190,6 +190,9 @@ def test_resized_pos_embed_is_cached_until_the_weights_change(ti_checkpoint):
 
 def test_forward_supports_training_gradients(ti_checkpoint):
     model = load_model(ti_checkpoint)
+    # Inference first fills the position-embedding and dense-PE caches; training must still work.
+    with torch.inference_mode():
+        model(torch.rand(1, 3, 64, 64), torch.tensor([[[[10.0, 20.0]]]]), torch.tensor([[[1]]]))
     model.image_encoder.requires_grad_(False)
     embeddings = torch.randn(1, 256, 64, 64)
     logits, iou = model.predict_masks(
