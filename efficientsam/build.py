@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import time
 import zipfile
 from collections.abc import Mapping
@@ -122,14 +123,18 @@ def _torch_load(source: str | Path | io.BytesIO, name: str) -> object:
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or unsafe files
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if "weights_only" in str(error) or "Unsupported global" in str(error):
+        text = " ".join(str(error).split())
+        blocked = re.search(r"unsupported GLOBAL ([\w.]+)", text, flags=re.IGNORECASE)
+        if blocked:
             raise CheckpointError(
-                f"{name}: refusing to load: the file contains pickled objects other than "
-                f"tensors ({message})"
+                f"{name}: refusing to load: the file pickles a Python object "
+                f"({blocked.group(1)}), not just tensors"
             ) from error
+        detail = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+        reason = detail.group(1).strip() if detail else (text[:200] or type(error).__name__)
         raise CheckpointError(
-            f"{name}: not a readable PyTorch checkpoint (truncated or corrupt?): {message}"
+            f"{name}: not a readable PyTorch checkpoint (truncated, corrupt or another kind of "
+            f"file): {reason}"
         ) from error
 
 

@@ -26,7 +26,7 @@ from .cache import EmbeddingCache, EmbeddingKey, InMemoryEmbeddingCache
 from .modeling import EfficientSam
 from .modeling.two_way_transformer import PreparedImage
 from .prompts import Prompt, fit_prompt
-from .utils import image_content_hash, image_to_tensor, validate_rgb_image
+from .utils import image_content_hash, image_to_tensor, tensor_version, validate_rgb_image
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PREPROCESSING_ID = "stretch1024-bilinear-noaa-imagenet"
@@ -100,8 +100,12 @@ class Predictor:
     def encoder_fingerprint(self) -> str:
         """Hex digest of the image encoder's weights; recomputed only when they change."""
         tensors = self.model.image_encoder.state_dict()
-        state = tuple((key, t.data_ptr(), t._version) for key, t in tensors.items())
-        if self._fingerprint is None or state != self._fingerprint_state:
+        state = tuple((key, tensor_version(t)) for key, t in tensors.items())
+        if (
+            self._fingerprint is None
+            or None in (v for _, v in state)
+            or state != self._fingerprint_state
+        ):
             self._fingerprint = tensors_fingerprint(tensors)
             self._fingerprint_state = state
         return self._fingerprint
@@ -122,11 +126,15 @@ class Predictor:
             *self.model.mask_decoder.transformer.layers[0].parameters(),
             self.model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix,
         ]
-        return tuple((t.data_ptr(), t._version) for t in tensors)
+        return tuple(tensor_version(t) for t in tensors)
 
     def prepared_image(self, embedding: ImageEmbedding) -> PreparedImage:
         """The decoder's per-image inputs for ``embedding``, from a small LRU when possible."""
-        key = (embedding.key, self._decoder_state())
+        state = self._decoder_state()
+        key = (embedding.key, state)
+        if None in state:  # inference-mode weights have no version: never reuse
+            with torch.inference_mode(), self._autocast():
+                return self.model.prepare_image_embeddings(embedding.embeddings)
         with self._prepared_lock:
             prepared = self._prepared.get(key)
             if prepared is not None:

@@ -84,3 +84,14 @@ def keep_freed_memory_for_reuse(threshold_bytes: int = 32 * 1024**2) -> bool:
     return bool(mallopt(m_mmap_threshold, threshold)) and bool(
         mallopt(m_trim_threshold, 2 * threshold)
     )
+
+
+def tensor_version(tensor: torch.Tensor) -> tuple | None:
+    """Identity + in-place version of a tensor, to key caches of values derived from it.
+
+    None for inference-mode tensors (they have no version counter): do not cache then.
+    """
+    try:
+        return (tensor.data_ptr(), tensor._version, tensor.device, tensor.dtype)
+    except RuntimeError:
+        return None

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils import tensor_version
 from .common import LayerNorm2d
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "explicit")
@@ -137,7 +138,9 @@ class ImageEncoderViT(nn.Module):
         pos_embed = self.pos_embed
         if torch.is_grad_enabled() and pos_embed.requires_grad:
             return self._resize_pos_embed(pos_embed)
-        key = (pos_embed.data_ptr(), pos_embed._version, pos_embed.device, pos_embed.dtype)
+        key = tensor_version(pos_embed)
+        if key is None:
+            return self._resize_pos_embed(pos_embed)
         if self._resized_pos_embed is None or self._resized_pos_embed_key != key:
             # A normal (not inference-mode) tensor, so training may use it after inference did.
             with torch.inference_mode(False), torch.no_grad():

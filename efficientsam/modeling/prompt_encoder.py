@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from ..utils import tensor_version
+
 # Point label values of the EfficientSAM prompt format.
 LABEL_PADDING = -1
 LABEL_NEGATIVE = 0
@@ -76,7 +78,9 @@ class PromptEncoder(nn.Module):
         Input-independent: cached until the Gaussian matrix changes (in place, by a state-dict
         load, or by a move to another device/dtype)."""
         matrix = self.pe_layer.positional_encoding_gaussian_matrix
-        key = (matrix.data_ptr(), matrix._version, matrix.device, matrix.dtype)
+        key = tensor_version(matrix)
+        if key is None:
+            return self.pe_layer(self.image_embedding_size).unsqueeze(0)
         if self._dense_pe is None or self._dense_pe_key != key:
             # A normal (not inference-mode) tensor, so training may use it after inference did.
             with torch.inference_mode(False), torch.no_grad():

@@ -1,0 +1,446 @@
+"""Speed and memory benchmark (``efficientsam bench`` / ``benchmarks/bench_efficientsam.py``).
+
+Measures, in one run and on one machine:
+* the image encoder (1x3x1024x1024) with SDPA attention vs the reference's explicit
+  softmax(QK^T)V, interleaved run by run so that machine drift hits both alike; median + ratio;
+* a click on a cached embedding: 1 point, best mask upscaled to 640x480 (the Predictor path) vs
+  the reference-style decoder (literal formulation, all 3 candidates upscaled, as upstream does);
+* peak RSS of a fresh process that loads the model, encodes a 640x480 image and decodes a click,
+  ours vs the reference-style attention/decoder;
+* the optional fast mode (bfloat16 autocast on CPU; float16 and bfloat16 on CUDA): encoder
+  speed-up and the IoU of its best masks against float32;
+* on CUDA: encoder images/s at batch 1 and 8, and click latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .build import build_efficient_sam, load_model
+from .modeling import EfficientSam
+from .modeling.reference import reference_predict_masks
+from .predictor import Predictor
+from .utils import keep_freed_memory_for_reuse, mask_iou, resolve_device
+
+CLICK_IMAGE_SIZE = (480, 640)  # (H, W)
+WARMUP = 2
+CLICK_WARMUP = 5
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(function: Callable[[], object], device: torch.device) -> float:
+    _synchronise(device)
+    started = time.perf_counter()
+    function()
+    _synchronise(device)
+    return time.perf_counter() - started
+
+
+def _median_ms(samples: Sequence[float]) -> float:
+    return round(statistics.median(samples) * 1000, 2)
+
+
+def _model(variant: str, ti_checkpoint: Path | None, device: torch.device) -> EfficientSam:
+    if variant == "ti" and ti_checkpoint is not None:
+        return load_model(ti_checkpoint, device=device)
+    # Timing does not depend on the weights' values: a freshly initialised model will do.
+    return build_efficient_sam(variant).to(device).eval()
+
+
+def _click_image(seed: int = 0) -> np.ndarray:
+    height, width = CLICK_IMAGE_SIZE
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _click_points(count: int) -> list[tuple[float, float]]:
+    height, width = CLICK_IMAGE_SIZE
+    rng = np.random.default_rng(1)
+    return [(float(rng.uniform(0, width)), float(rng.uniform(0, height))) for _ in range(count)]
+
+
+def bench_encoder(model: EfficientSam, repeats: int, device: torch.device) -> dict:
+    """SDPA vs explicit attention, interleaved; median seconds and the ratio."""
+    image = torch.rand(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0)).to(device)
+    encoder = model.image_encoder
+    samples: dict[str, list[float]] = {"sdpa": [], "explicit": []}
+    outputs: dict[str, torch.Tensor] = {}
+    with torch.inference_mode():
+        for run in range(WARMUP + repeats):
+            for implementation in ("sdpa", "explicit"):
+                encoder.set_attention_implementation(implementation)
+                seconds = _timed(
+                    lambda impl=implementation: outputs.__setitem__(
+                        impl, model.get_image_embeddings(image)
+                    ),
+                    device,
+                )
+                if run >= WARMUP:
+                    samples[implementation].append(seconds)
+    encoder.set_attention_implementation("sdpa")
+    sdpa, explicit = _median_ms(samples["sdpa"]), _median_ms(samples["explicit"])
+    return {
+        "encoder_ms": sdpa,
+        "encoder_explicit_attention_ms": explicit,
+        "encoder_speedup": round(explicit / sdpa, 2),
+        "encoder_max_abs_diff_vs_explicit": float(
+            (outputs["sdpa"] - outputs["explicit"]).abs().max()
+        ),
+    }
+
+
+def bench_click(model: EfficientSam, repeats: int, device: torch.device) -> dict:
+    """A click on a cached embedding, ours vs reference-style; medians in ms."""
+    predictor = Predictor(model)
+    predictor.set_image(_click_image())
+    embeddings = predictor.image_embedding.embeddings
+    height, width = CLICK_IMAGE_SIZE
+    points = _click_points(CLICK_WARMUP + repeats)
+
+    ours = []
+    for index, point in enumerate(points):
+        seconds = _timed(lambda p=point: predictor.predict([p], return_best_only=True), device)
+        if index >= CLICK_WARMUP:
+            ours.append(seconds)
+
+    def reference_click(point: tuple[float, float]) -> np.ndarray:
+        with torch.inference_mode():
+            logits, iou = reference_predict_masks(
+                model,
+                embeddings,
+                torch.tensor([[[point]]], device=device),
+                torch.tensor([[[1]]], device=device),
+                True,
+                height,
+                width,
+                height,
+                width,
+            )
+            best = int(iou[0, 0].argmax())
+            return (logits[0, 0, best] >= 0).cpu().numpy()
+
+    reference_repeats = max(1, min(repeats, 15))
+    reference = []
+    for index, point in enumerate(points[: CLICK_WARMUP + reference_repeats]):
+        seconds = _timed(lambda p=point: reference_click(p), device)
+        if index >= CLICK_WARMUP:
+            reference.append(seconds)
+    agreement = mask_iou(
+        predictor.predict([points[0]], return_best_only=True).best_mask, reference_click(points[0])
+    )
+    click, baseline = _median_ms(ours), _median_ms(reference)
+    return {
+        "click_ms": click,
+        "click_reference_style_ms": baseline,
+        "click_speedup": round(baseline / click, 2),
+        "click_mask_iou_vs_reference_style": round(agreement, 6),
+    }
+
+
+def bench_fast_mode(
+    model: EfficientSam, precision: str, repeats: int, device: torch.device, float32_ms: float
+) -> dict:
+    """Encoder time under autocast and the IoU of its best masks against float32."""
+    image = torch.rand(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0)).to(device)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[precision]
+    samples = []
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype):
+        for run in range(WARMUP + repeats):
+            seconds = _timed(lambda: model.get_image_embeddings(image), device)
+            if run >= WARMUP:
+                samples.append(seconds)
+    fast, exact = Predictor(model, precision=precision), Predictor(model)
+    picture = _click_image(seed=2)
+    fast.set_image(picture)
+    exact.set_image(picture)
+    ious = [
+        mask_iou(
+            fast.predict([p], return_best_only=True).best_mask,
+            exact.predict([p], return_best_only=True).best_mask,
+        )
+        for p in _click_points(20)
+    ]
+    click = []
+    for index, point in enumerate(_click_points(CLICK_WARMUP + 10)):
+        seconds = _timed(lambda p=point: fast.predict([p], return_best_only=True), device)
+        if index >= CLICK_WARMUP:
+            click.append(seconds)
+    encoder_ms = _median_ms(samples)
+    return {
+        "encoder_ms": encoder_ms,
+        "encoder_speedup_vs_float32": round(float32_ms / encoder_ms, 2),
+        "click_ms": _median_ms(click),
+        "best_mask_iou_vs_float32_mean": round(float(np.mean(ious)), 4),
+        "best_mask_iou_vs_float32_min": round(float(np.min(ious)), 4),
+    }
+
+
+def bench_gpu_throughput(model: EfficientSam, device: torch.device, repeats: int) -> dict:
+    """Encoder images/s at batch 1 and 8 (float32 and the autocast modes)."""
+    results = {}
+    for batch in (1, 8):
+        images = torch.rand(batch, 3, 1024, 1024, device=device)
+        for precision in ("float32", "float16", "bfloat16"):
+            context = (
+                torch.autocast("cuda", dtype=getattr(torch, precision))
+                if precision != "float32"
+                else torch.autocast("cuda", enabled=False)
+            )
+            samples = []
+            with torch.inference_mode(), context:
+                for run in range(WARMUP + repeats):
+                    seconds = _timed(lambda imgs=images: model.get_image_embeddings(imgs), device)
+                    if run >= WARMUP:
+                        samples.append(seconds)
+            results[f"encoder_images_per_s_batch{batch}_{precision}"] = round(
+                batch / statistics.median(samples), 1
+            )
+    return results
+
+
+def peak_rss_probe(variant: str, checkpoint: Path | None, baseline: bool, threads: int) -> dict:
+    """Run in a fresh process: load + encode a 640x480 image + one click; peak RSS in bytes."""
+    torch.set_num_threads(threads)
+    keep_freed_memory_for_reuse()
+    model = _model(variant, checkpoint, torch.device("cpu"))
+    image = _click_image()
+    point = _click_points(1)[0]
+    height, width = CLICK_IMAGE_SIZE
+    if baseline:
+        model.image_encoder.set_attention_implementation("explicit")
+        with torch.inference_mode():
+            tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+            embeddings = model.get_image_embeddings(tensor)
+            reference_predict_masks(
+                model,
+                embeddings,
+                torch.tensor([[[point]]]),
+                torch.tensor([[[1]]]),
+                True,
+                height,
+                width,
+                height,
+                width,
+            )
+    else:
+        predictor = Predictor(model)
+        predictor.set_image(image)
+        predictor.predict([point], return_best_only=True)
+    return {"peak_rss_bytes": peak_rss_bytes()}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size. VmHWM belongs to the current address space;
+    getrusage's ru_maxrss would include the parent's peak inherited across fork + exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _peak_rss(variant: str, checkpoint: Path | None, baseline: bool, threads: int) -> float:
+    command = [
+        sys.executable,
+        "-m",
+        "efficientsam.benchmark",
+        "rss",
+        "--variant",
+        variant,
+        "--threads",
+        str(threads),
+    ]
+    if checkpoint is not None:
+        command += ["--checkpoint", str(checkpoint)]
+    if baseline:
+        command.append("--baseline")
+    output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600)
+    return round(json.loads(output.stdout.strip().splitlines()[-1])["peak_rss_bytes"] / 1024**3, 3)
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {torch.get_num_threads()} threads, "
+        f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}"
+    )
+
+
+def to_markdown(results: dict) -> str:
+    device = results["device"]
+    lines = [
+        f"Machine: {results['machine']}; float32 unless stated; medians "
+        f"({results['repeats']} encoder runs, {results['click_repeats']} clicks).",
+        "",
+        "| measurement | "
+        + " | ".join(f"EfficientSAM-{v.upper()}" for v in results["variants"])
+        + " |",
+        "|---|" + "---|" * len(results["variants"]),
+    ]
+    rows = [
+        ("image encoder, 1x3x1024x1024 (SDPA attention)", "encoder_ms", " ms"),
+        (
+            "same model, explicit softmax(QK^T)V (reference-style)",
+            "encoder_explicit_attention_ms",
+            " ms",
+        ),
+        ("encoder speed-up", "encoder_speedup", "x"),
+        ("click on cached embedding: 1 point, best mask at 640x480", "click_ms", " ms"),
+        (
+            "same click, reference-style decoder (3 masks upscaled)",
+            "click_reference_style_ms",
+            " ms",
+        ),
+        ("click speed-up", "click_speedup", "x"),
+        ("peak RSS: load + encode 640x480 + 1 click", "peak_rss_gib", " GiB"),
+        ("peak RSS, reference-style attention and decoder", "peak_rss_reference_style_gib", " GiB"),
+    ]
+    for label, key, unit in rows:
+        values = [results["per_variant"][v].get(key) for v in results["variants"]]
+        if all(value is None for value in values):
+            continue
+        cells = [("—" if value is None else f"{value}{unit}") for value in values]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for precision in ("bfloat16", "float16"):
+        key = f"fast_mode_{precision}"
+        if all(key in results["per_variant"][v] for v in results["variants"]):
+            fast = [results["per_variant"][v][key] for v in results["variants"]]
+            lines.append(
+                f"| fast mode {precision} ({device}): encoder | "
+                + " | ".join(
+                    f"{f['encoder_ms']} ms ({f['encoder_speedup_vs_float32']}x)" for f in fast
+                )
+                + " |"
+            )
+            lines.append(
+                f"| fast mode {precision}: click | "
+                + " | ".join(f"{f['click_ms']} ms" for f in fast)
+                + " |"
+            )
+            lines.append(
+                f"| fast mode {precision}: best-mask IoU vs float32, mean / min | "
+                + " | ".join(
+                    f"{f['best_mask_iou_vs_float32_mean']} / {f['best_mask_iou_vs_float32_min']}"
+                    for f in fast
+                )
+                + " |"
+            )
+    gpu_keys = sorted(
+        {
+            k
+            for v in results["variants"]
+            for k in results["per_variant"][v]
+            if k.startswith("encoder_images_per_s")
+        }
+    )
+    for key in gpu_keys:
+        values = [results["per_variant"][v].get(key, "—") for v in results["variants"]]
+        lines.append(f"| {key.replace('_', ' ')} | " + " | ".join(str(x) for x in values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_benchmark(
+    variants: Sequence[str] = ("ti", "s"),
+    ti_checkpoint: Path | None = None,
+    repeats: int = 5,
+    click_repeats: int = 30,
+    threads: int = 2,
+    device: str = "cpu",
+    json_path: Path | None = None,
+    markdown_path: Path | None = None,
+) -> dict:
+    """Run everything, print a markdown table, optionally save JSON/markdown; returns the dict."""
+    torch.set_num_threads(threads)
+    keep_freed_memory_for_reuse()
+    torch_device = resolve_device(device)
+    results: dict = {
+        "machine": machine_description(torch_device),
+        "device": torch_device.type,
+        "variants": list(variants),
+        "repeats": repeats,
+        "click_repeats": click_repeats,
+        "date": time.strftime("%Y-%m-%d"),
+        "per_variant": {},
+    }
+    fast_precisions = ["bfloat16"] if torch_device.type == "cpu" else ["float16", "bfloat16"]
+    steps_per_variant = 2 + len(fast_precisions) + (2 if torch_device.type == "cpu" else 1)
+    progress = tqdm(total=steps_per_variant * len(variants), desc="benchmark", unit="step")
+    for variant in variants:
+        model = _model(variant, ti_checkpoint, torch_device)
+        measured: dict = {}
+        progress.set_postfix_str(f"{variant}: encoder")
+        measured.update(bench_encoder(model, repeats, torch_device))
+        progress.update()
+        progress.set_postfix_str(f"{variant}: click")
+        measured.update(bench_click(model, click_repeats, torch_device))
+        progress.update()
+        for precision in fast_precisions:
+            progress.set_postfix_str(f"{variant}: {precision}")
+            measured[f"fast_mode_{precision}"] = bench_fast_mode(
+                model, precision, repeats, torch_device, measured["encoder_ms"]
+            )
+            progress.update()
+        if torch_device.type == "cpu":
+            checkpoint = ti_checkpoint if variant == "ti" else None
+            progress.set_postfix_str(f"{variant}: peak RSS")
+            measured["peak_rss_gib"] = _peak_rss(variant, checkpoint, False, threads)
+            progress.update()
+            measured["peak_rss_reference_style_gib"] = _peak_rss(variant, checkpoint, True, threads)
+            progress.update()
+        else:
+            progress.set_postfix_str(f"{variant}: throughput")
+            measured.update(bench_gpu_throughput(model, torch_device, repeats))
+            progress.update()
+        results["per_variant"][variant] = measured
+        del model
+    progress.close()
+    table = to_markdown(results)
+    print(table)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+    if markdown_path is not None:
+        markdown_path.parent.mkdir(parents=True, exist_ok=True)
+        markdown_path.write_text(table)
+    return results
+
+
+def _probe_main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m efficientsam.benchmark")
+    commands = parser.add_subparsers(dest="command", required=True)
+    probe = commands.add_parser("rss", help="peak-RSS probe (run in a fresh process)")
+    probe.add_argument("--variant", choices=("ti", "s"), required=True)
+    probe.add_argument("--checkpoint", type=Path)
+    probe.add_argument("--baseline", action="store_true", help="reference-style model path")
+    probe.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    print(json.dumps(peak_rss_probe(args.variant, args.checkpoint, args.baseline, args.threads)))
+
+
+if __name__ == "__main__":
+    _probe_main()
