@@ -107,6 +107,7 @@ class _Exploit:
         return (os.makedirs, (self.marker,))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_arbitrary_pickles_are_never_executed(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
