@@ -119,10 +119,11 @@ class EfficientSam(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder-only prediction from cached embeddings.
 
-        image_embeddings (B, 256, 64, 64) (or from :meth:`prepare_image_embeddings`); points (B, Q, N, 2) (x, y) pixels of the original
-        input_w x input_h image; labels (B, Q, N). Returns logits (B, Q, K, h, w) with (h, w) =
-        (output_h, output_w) when both are > 0 (bicubic upscale) else (256, 256), and raw IoU
-        predictions (B, Q, K); K = 3 with ``multimask_output`` else 1.
+        image_embeddings (B, 256, 64, 64) or from :meth:`prepare_image_embeddings`; points
+        (B, Q, N, 2) (x, y) pixels of the original input_w x input_h image; labels (B, Q, N).
+        Returns logits (B, Q, K, h, w) with (h, w) = (output_h, output_w) when both are > 0
+        (bicubic upscale) else (256, 256), and raw IoU predictions (B, Q, K); K = 3 with
+        ``multimask_output`` else 1.
         """
         if batched_points.dim() != 4 or batched_points.shape[-1] != 2:
             raise ValueError(f"points must be (B, Q, N, 2), got {tuple(batched_points.shape)}")

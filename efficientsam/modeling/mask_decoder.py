@@ -68,8 +68,9 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """image_embeddings (B, 256, 64, 64) or prepared by ``transformer.prepare_image``, image_pe (1, 256, 64, 64), sparse prompt embeddings
-        (B, Q, T, 256) -> logits (B, Q, K, 256, 256), iou_predictions (B, Q, K); K = 3 or 1."""
+        """image_embeddings (B, 256, 64, 64) or prepared by ``transformer.prepare_image``,
+        image_pe (1, 256, 64, 64), sparse prompt embeddings (B, Q, T, 256)
+        -> logits (B, Q, K, 256, 256), iou_predictions (B, Q, K); K = 3 or 1."""
         batch, num_queries, _, _ = sparse_prompt_embeddings.shape
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.to(sparse_prompt_embeddings.dtype)
@@ -77,10 +78,11 @@ class MaskDecoder(nn.Module):
         tokens = torch.cat([output_tokens, sparse_prompt_embeddings], dim=2)
 
         # The image embedding is not tiled per query: the transformer shares it (image-major).
-        if not isinstance(image_embeddings, PreparedImage):
-            image_embeddings = self.transformer.prepare_image(image_embeddings, image_pe)
+        prepared = image_embeddings
+        if not isinstance(prepared, PreparedImage):
+            prepared = self.transformer.prepare_image(image_embeddings, image_pe)
         token_states, image_states = self.transformer(
-            image_embeddings, image_pe, tokens, num_output_tokens=1 + self.num_mask_tokens
+            prepared, image_pe, tokens, num_output_tokens=1 + self.num_mask_tokens
         )
         iou_token_out = token_states[:, 0, :]
         mask_tokens_out = token_states[:, 1 : 1 + self.num_mask_tokens, :]
@@ -89,7 +91,7 @@ class MaskDecoder(nn.Module):
         hyper_in = torch.stack(
             [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in selected], dim=1
         )
-        height, width = image_embeddings.grid_size
+        height, width = prepared.grid_size
         masks = self.upscale_and_predict_masks(image_states, hyper_in, height, width)
         masks = masks.reshape(batch, num_queries, len(selected), *masks.shape[-2:])
         iou_predictions = self.iou_prediction_head(iou_token_out)[:, selected]

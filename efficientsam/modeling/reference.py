@@ -49,7 +49,7 @@ def reference_predict_masks(
     tokens = torch.cat([output_tokens.expand(sparse.shape[0], -1, -1), sparse], dim=1)
 
     image = image_embeddings.repeat_interleave(num_queries, dim=0)
-    image_pe = model.prompt_encoder.pe_layer(decoder_grid(image)).unsqueeze(0)
+    image_pe = model.prompt_encoder.pe_layer(tuple(image.shape[-2:])).unsqueeze(0)
     keys = image.flatten(2).permute(0, 2, 1)
     key_pe = image_pe.flatten(2).permute(0, 2, 1)
     queries, query_pe = tokens, tokens
@@ -90,7 +90,3 @@ def reference_predict_masks(
         )
         masks = upsampled.reshape(batch, num_queries, -1, output_h, output_w)
     return masks, iou
-
-
-def decoder_grid(image_embeddings: torch.Tensor) -> tuple[int, int]:
-    return image_embeddings.shape[-2], image_embeddings.shape[-1]

@@ -134,10 +134,6 @@ class PreparedImage:
     final_key_offset: torch.Tensor
     grid_size: tuple[int, int]
 
-    @property
-    def batch_size(self) -> int:
-        return self.keys.shape[0]
-
 
 class TwoWayAttentionBlock(nn.Module):
     """Self-attention on tokens, token->image, MLP, image->token cross-attention (post-norm)."""
@@ -254,7 +250,8 @@ class TwoWayTransformer(nn.Module):
     """``depth`` two-way blocks and a final token->image attention.
 
     image (B, C, h, w) embeddings or a :class:`PreparedImage`, image_pe (1, C, h, w),
-    point_embedding (B, Q, T, C) for Q queries per image -> token states (B*Q, T, C), image states (B*Q, h*w, C), image-major.
+    point_embedding (B, Q, T, C) for Q queries per image -> token states (B*Q, T, C) and image
+    states (B*Q, h*w, C), image-major (all queries of image 0 first).
     """
 
     def __init__(
