@@ -1,0 +1,76 @@
+"""``python -m backend --checkpoint PATH --port PORT`` (also ``efficientsam-backend``).
+
+Every option can also come from the environment (see backend/settings.py); flags win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .settings import Settings
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m backend", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--checkpoint", type=Path, help="EfficientSAM .pt/.pt.zip/.safetensors (env CHECKPOINT)"
+    )
+    parser.add_argument("--host", help="listen address (env HOST, default 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="listen port (env PORT, default 9090)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (env DEVICE, default auto)")
+    parser.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16", "float16"),
+        help="env PRECISION, default float32",
+    )
+    parser.add_argument("--model-dir", type=Path, help="env MODEL_DIR")
+    parser.add_argument("--log-level", help="env LOG_LEVEL, default INFO")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = Settings.from_env(
+            checkpoint=args.checkpoint,
+            host=args.host,
+            port=args.port,
+            device=args.device,
+            precision=args.precision,
+            model_dir=args.model_dir,
+            log_level=args.log_level,
+        )
+    except ValueError as error:
+        print(f"backend: error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    import uvicorn
+
+    from efficientsam.build import CheckpointError
+
+    from .app import create_app
+    from .service import ServiceError
+
+    try:
+        app = create_app(settings)
+    except (ServiceError, CheckpointError) as error:
+        print(f"backend: error: {error}", file=sys.stderr)
+        return 2
+    logging.getLogger(__name__).info(
+        "serving %s on http://%s:%d (%s)",
+        app.state.service.model_version,
+        settings.host,
+        settings.port,
+        "basic auth on" if settings.basic_auth_enabled else "no auth",
+    )
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

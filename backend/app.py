@@ -1,0 +1,153 @@
+"""The HTTP app: Label Studio's ML-backend protocol on top of a SegmentationService."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hmac
+import json
+import logging
+import time
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .metrics import Metrics
+from .service import SegmentationService, ServiceError
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 256 * 1024**2  # interactive bodies carry previous RLE predictions
+
+
+def error_response(message: str, status: int) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status_code=status)
+
+
+class BasicAuthMiddleware:
+    """HTTP basic auth on every route (constant-time comparison), when configured."""
+
+    def __init__(self, app: ASGIApp, user: str, password: str) -> None:
+        self.app = app
+        self._expected = f"{user}:{password}".encode()
+
+    def _authorised(self, scope: Scope) -> bool:
+        for name, value in scope.get("headers", []):
+            if name == b"authorization" and value[:6].lower() == b"basic ":
+                try:
+                    supplied = base64.b64decode(value[6:].strip(), validate=True)
+                except (binascii.Error, ValueError):
+                    return False
+                return hmac.compare_digest(supplied, self._expected)
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self._authorised(scope):
+            await self.app(scope, receive, send)
+            return
+        response = JSONResponse(
+            {"error": "authentication required", "status": 401},
+            status_code=401,
+            headers={"WWW-Authenticate": 'Basic realm="efficientsam"'},
+        )
+        await response(scope, receive, send)
+
+
+async def _json_body(request: Request) -> dict:
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise ServiceError("request body too large", 413)
+    try:
+        payload = json.loads(body or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ServiceError(f"malformed JSON: {error}", 400) from error
+    if not isinstance(payload, dict):
+        raise ServiceError("the request body must be a JSON object", 400)
+    return payload
+
+
+def create_app(settings: Settings, service: SegmentationService | None = None) -> Starlette:
+    """The ASGI app. ``service`` defaults to the embedded one (model in this process)."""
+    metrics = service.metrics if service is not None else Metrics()
+    if service is None:
+        service = SegmentationService(settings, metrics)
+
+    async def health(request: Request) -> Response:
+        return JSONResponse(service.health())
+
+    async def setup(request: Request) -> Response:
+        payload = await _json_body(request)
+        service.loader.use_setup_credentials(payload.get("hostname"), payload.get("access_token"))
+        return JSONResponse({"model_version": service.model_version})
+
+    async def predict(request: Request) -> Response:
+        payload = await _json_body(request)
+        return JSONResponse(await run_in_threadpool(service.predict, payload))
+
+    async def webhook(request: Request) -> Response:
+        payload = await _json_body(request)
+        action = str(payload.get("action") or "")
+        metrics.webhooks.labels(action or "unknown").inc()
+        if action == "START_TRAINING":
+            # Answered at once; fine-tuning on the train queue arrives with the training issue.
+            return JSONResponse(
+                {"status": "not_started", "reason": "fine-tuning is not available in this version"},
+                status_code=200,
+            )
+        return JSONResponse({"status": "ok", "action": action}, status_code=200)
+
+    async def versions(request: Request) -> Response:
+        return JSONResponse({"versions": [service.model_version]})
+
+    async def metrics_route(request: Request) -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    def timed(route: str, endpoint):
+        async def wrapper(request: Request) -> Response:
+            started = time.perf_counter()
+            try:
+                response = await endpoint(request)
+            except ServiceError as error:
+                response = error_response(str(error), error.status)
+            except Exception:  # never a traceback to LS; the log has it
+                logger.exception("%s failed", route)
+                response = error_response("internal error; see the backend log", 500)
+            metrics.request_seconds.labels(route, str(response.status_code)).observe(
+                time.perf_counter() - started
+            )
+            return response
+
+        return wrapper
+
+    routes = [
+        Route("/", timed("/health", health), methods=["GET"]),
+        Route("/health", timed("/health", health), methods=["GET"]),
+        Route("/setup", timed("/setup", setup), methods=["POST"]),
+        Route("/predict", timed("/predict", predict), methods=["POST"]),
+        Route("/webhook", timed("/webhook", webhook), methods=["POST"]),
+        Route("/versions", timed("/versions", versions), methods=["GET", "POST"]),
+        Route("/metrics", timed("/metrics", metrics_route), methods=["GET"]),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        service.start()
+        try:
+            yield
+        finally:
+            service.close()
+
+    app = Starlette(routes=routes, lifespan=lifespan)
+    if settings.basic_auth_enabled:
+        app.add_middleware(
+            BasicAuthMiddleware, user=settings.basic_auth_user, password=settings.basic_auth_pass
+        )
+    app.state.service = service
+    app.state.settings = settings
+    return app

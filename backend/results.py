@@ -1,0 +1,82 @@
+"""Masks -> Label Studio result items: BrushLabels RLE, BitmaskLabels PNG, PolygonLabels."""
+
+from __future__ import annotations
+
+import base64
+import io
+import secrets
+
+import numpy as np
+
+from .label_config import OutputControl
+
+MIN_POLYGON_AREA = 16  # pixels; smaller fragments are dropped from polygon output
+
+
+def region_id() -> str:
+    return secrets.token_urlsafe(8)[:10]
+
+
+def brush_rle(mask: np.ndarray) -> list[int]:
+    """LS brush RLE of a (H, W) bool mask: RGBA with alpha 255 on the mask (SDK encoder)."""
+    from label_studio_sdk.converter.brush import mask2rle
+
+    return mask2rle(mask.astype(np.uint8) * 255)
+
+
+def png_data_url(mask: np.ndarray) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def mask_polygons(mask: np.ndarray, width: int, height: int) -> list[list[list[float]]]:
+    """Outer contours of a mask as polygons in percent of (width, height)."""
+    import cv2
+
+    contours, _ = cv2.findContours(
+        mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
+    polygons = []
+    for contour in contours:
+        if cv2.contourArea(contour) < MIN_POLYGON_AREA:
+            continue
+        contour = cv2.approxPolyDP(contour, epsilon=1.0, closed=True)
+        if len(contour) < 3:
+            continue
+        points = contour.reshape(-1, 2).astype(np.float64)
+        polygons.append(
+            [[round(x * 100 / width, 4), round(y * 100 / height, 4)] for x, y in points]
+        )
+    return polygons
+
+
+def mask_results(mask: np.ndarray, output: OutputControl, label: str, score: float) -> list[dict]:
+    """Result items for one (H, W) bool mask at the image's original (browser) size."""
+    height, width = mask.shape
+    base = {
+        "from_name": output.name,
+        "to_name": output.to_name,
+        "type": output.result_type,
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "score": round(float(score), 6),
+        "readonly": False,
+    }
+    if output.tag == "BrushLabels":
+        value = {"format": "rle", "rle": brush_rle(mask), "brushlabels": [label]}
+        return [{"id": region_id(), **base, "value": value}]
+    if output.tag == "BitmaskLabels":
+        value = {"imageDataURL": png_data_url(mask), "bitmasklabels": [label]}
+        return [{"id": region_id(), **base, "value": value}]
+    return [
+        {
+            "id": region_id(),
+            **base,
+            "value": {"points": polygon, "closed": True, "polygonlabels": [label]},
+        }
+        for polygon in mask_polygons(mask, width, height)
+    ]
