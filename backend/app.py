@@ -6,10 +6,10 @@ import base64
 import binascii
 import contextlib
 import hmac
-import json
 import logging
 import time
 
+import orjson
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -26,8 +26,15 @@ logger = logging.getLogger(__name__)
 MAX_BODY_BYTES = 256 * 1024**2  # interactive bodies carry previous RLE predictions
 
 
+class FastJSONResponse(JSONResponse):
+    """orjson: ~10x faster than json for the long integer lists of brush RLE masks."""
+
+    def render(self, content: object) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
 def error_response(message: str, status: int) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status}, status_code=status)
+    return FastJSONResponse({"error": message, "status": status}, status_code=status)
 
 
 class BasicAuthMiddleware:
@@ -64,8 +71,8 @@ async def _json_body(request: Request) -> dict:
     if len(body) > MAX_BODY_BYTES:
         raise ServiceError("request body too large", 413)
     try:
-        payload = json.loads(body or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        payload = orjson.loads(body or b"null")
+    except orjson.JSONDecodeError as error:
         raise ServiceError(f"malformed JSON: {error}", 400) from error
     if not isinstance(payload, dict):
         raise ServiceError("the request body must be a JSON object", 400)
@@ -79,16 +86,16 @@ def create_app(settings: Settings, service: SegmentationService | None = None) -
         service = SegmentationService(settings, metrics)
 
     async def health(request: Request) -> Response:
-        return JSONResponse(service.health())
+        return FastJSONResponse(service.health())
 
     async def setup(request: Request) -> Response:
         payload = await _json_body(request)
         service.loader.use_setup_credentials(payload.get("hostname"), payload.get("access_token"))
-        return JSONResponse({"model_version": service.model_version})
+        return FastJSONResponse({"model_version": service.model_version})
 
     async def predict(request: Request) -> Response:
         payload = await _json_body(request)
-        return JSONResponse(await run_in_threadpool(service.predict, payload))
+        return FastJSONResponse(await run_in_threadpool(service.predict, payload))
 
     async def webhook(request: Request) -> Response:
         payload = await _json_body(request)
@@ -96,14 +103,14 @@ def create_app(settings: Settings, service: SegmentationService | None = None) -
         metrics.webhooks.labels(action or "unknown").inc()
         if action == "START_TRAINING":
             # Answered at once; fine-tuning on the train queue arrives with the training issue.
-            return JSONResponse(
+            return FastJSONResponse(
                 {"status": "not_started", "reason": "fine-tuning is not available in this version"},
                 status_code=200,
             )
-        return JSONResponse({"status": "ok", "action": action}, status_code=200)
+        return FastJSONResponse({"status": "ok", "action": action}, status_code=200)
 
     async def versions(request: Request) -> Response:
-        return JSONResponse({"versions": [service.model_version]})
+        return FastJSONResponse({"versions": [service.model_version]})
 
     async def metrics_route(request: Request) -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")

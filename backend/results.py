@@ -8,6 +8,7 @@ import secrets
 
 import numpy as np
 
+from .brush import encode_brush_mask
 from .label_config import OutputControl
 
 MIN_POLYGON_AREA = 16  # pixels; smaller fragments are dropped from polygon output
@@ -18,10 +19,9 @@ def region_id() -> str:
 
 
 def brush_rle(mask: np.ndarray) -> list[int]:
-    """LS brush RLE of a (H, W) bool mask: RGBA with alpha 255 on the mask (SDK encoder)."""
-    from label_studio_sdk.converter.brush import mask2rle
-
-    return mask2rle(mask.astype(np.uint8) * 255)
+    """LS brush RLE of a (H, W) bool mask: RGBA with alpha 255 on the mask (the SDK's format,
+    vectorised: see backend/brush.py)."""
+    return encode_brush_mask(mask)
 
 
 def png_data_url(mask: np.ndarray) -> str:

@@ -1,0 +1,97 @@
+"""Label Studio brush RLE, vectorised.
+
+Produces exactly the bytes of ``label_studio_sdk.converter.brush.mask2rle`` (tests compare them
+on many masks) but with numpy instead of a Python loop over a bit string: the SDK takes ~0.9 s
+for a 640x480 mask with a ragged outline (a random-weight model's mask, or hair, foliage), this
+takes a few milliseconds. Decoding stays with the SDK.
+
+Format (LS editor, @thi.ng/rle-pack): header = 32 bits value count N (= W*H*4: every pixel's
+value repeated for R, G, B, A), 5 bits word size - 1 (7), four 4-bit run-length field widths - 1
+(3, 4, 8, 16). Then per run: flag bit (1 repeat / 0 literal), 2 bits choosing the width, count - 1
+in that width, the 8-bit value. Runs longer than 2^16 values are split; the stream is padded with
+1 to 8 zero bits to whole bytes (the SDK always pads, also when already aligned).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_CHUNK = 2**16
+_HEADER_SIZES = "0010001101111111"  # widths 3, 4, 8, 16, each minus one
+
+
+def encode_brush_mask(mask: np.ndarray) -> list[int]:
+    """(H, W) bool/uint8 mask -> LS brush RLE (list of byte values); foreground = 255."""
+    flat = np.asarray(mask).ravel() != 0
+    total = flat.size * 4
+    header = f"{total:032b}" + f"{7:05b}" + _HEADER_SIZES
+    if flat.size == 0:
+        return _pack(np.array([int(b) for b in header], np.uint8))
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    starts = np.concatenate(([0], change))
+    lengths = np.diff(np.concatenate((starts, [flat.size]))).astype(np.int64) * 4
+    run_values = np.where(flat[starts], 255, 0).astype(np.uint64)
+
+    long = lengths > 256
+    full_chunks = np.where(long, (lengths - 1) // _CHUNK, 0)
+    remainder = lengths - full_chunks * _CHUNK
+    # One code per emitted chunk: the full 2^16 chunks of long runs first, then the last piece.
+    repeats = full_chunks + 1
+    chunk_value = np.repeat(run_values, repeats)
+    chunk_long = np.repeat(long, repeats)
+    is_last = np.zeros(int(repeats.sum()), bool)
+    is_last[np.cumsum(repeats) - 1] = True
+    chunk_count = np.where(is_last, np.repeat(remainder, repeats), _CHUNK).astype(np.uint64)
+
+    count = chunk_count - 1
+    codes = np.empty_like(chunk_count)
+    widths = np.empty(chunk_count.size, np.int64)
+    single = ~chunk_long & (chunk_count == 1)  # literal of one word: 0 00 000 vvvvvvvv
+    small = ~chunk_long & (chunk_count >= 2) & (chunk_count <= 8)
+    medium = ~chunk_long & (chunk_count > 8) & (chunk_count <= 16)
+    large = ~chunk_long & (chunk_count > 16)
+    codes[single], widths[single] = chunk_value[single], 14
+    codes[small] = (1 << 13) | (count[small] << 8) | chunk_value[small]
+    widths[small] = 14
+    codes[medium] = (1 << 14) | (1 << 12) | (count[medium] << 8) | chunk_value[medium]
+    widths[medium] = 15
+    codes[large] = (1 << 18) | (2 << 16) | (count[large] << 8) | chunk_value[large]
+    widths[large] = 19
+    codes[chunk_long] = (1 << 26) | (3 << 24) | (count[chunk_long] << 8) | chunk_value[chunk_long]
+    widths[chunk_long] = 27
+
+    header_code = np.array([int(header, 2)], np.uint64)
+    codes = np.concatenate((header_code, codes))
+    widths = np.concatenate(([len(header)], widths))
+    return _pack_codes(codes, widths)
+
+
+def _pack_codes(codes: np.ndarray, widths: np.ndarray) -> list[int]:
+    """Concatenate codes (uint64, MSB first, ``widths`` bits each, <= 64) into bytes, zero-pad
+    with 1..8 bits. Bits of different codes never overlap, so each 64-bit word is the OR of the
+    pieces that land in it; a code crossing a word boundary also puts its low part at the top
+    of the next word."""
+    ends = np.cumsum(widths)
+    starts = ends - widths
+    total_bits = int(ends[-1])
+    total_bits += 8 - total_bits % 8
+    words = np.zeros(total_bits // 64 + 2, np.uint64)
+    word = starts // 64
+    offset = starts % 64  # from the word's most significant bit
+    overflow = offset + widths - 64  # > 0: the code continues in the next word
+    shift_left = np.clip(-overflow, 0, 63).astype(np.uint64)
+    shift_right = np.clip(overflow, 0, 63).astype(np.uint64)
+    high = (codes << shift_left) >> shift_right
+    boundaries = np.flatnonzero(np.diff(word)) + 1
+    group_starts = np.concatenate(([0], boundaries))
+    words[word[group_starts]] = np.bitwise_or.reduceat(high, group_starts)
+    crossing = overflow > 0
+    if crossing.any():
+        spill = (64 - overflow[crossing]).astype(np.uint64)
+        words[word[crossing] + 1] |= codes[crossing] << spill
+    return words.astype(">u8").view(np.uint8)[: total_bits // 8].tolist()
+
+
+def _pack(bits: np.ndarray) -> list[int]:
+    padded = np.concatenate((bits, np.zeros(8 - bits.size % 8, np.uint8)))
+    return np.packbits(padded).tolist()
