@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 
 import numpy as np
 import pytest
@@ -257,3 +258,22 @@ def test_basic_auth_on_every_route(server):
         assert client.get("/health", headers={"Authorization": "Basic !!!"}).status_code == 401
         anonymous = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
         assert anonymous.status_code == 401
+
+
+def test_opening_a_task_prewarms_its_embedding(client, server):
+    with Image.open(REFERENCE_DIR / "image_640x480.png") as image:
+        flipped = np.asarray(image.convert("RGB"))[:, ::-1].copy()
+    server.files["/data/upload/1/flipped.png"] = png_bytes(flipped)
+    service = client.app.state.service
+    before = service.cache.stats().entries
+    response = client.post(
+        "/predict", json=predict_request([task(21, "/data/upload/1/flipped.png")], None)
+    )
+    assert "result" not in response.json()["results"][0]  # nothing to predict without boxes
+    deadline = time.monotonic() + 30
+    while service.cache.stats().entries == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert service.cache.stats().entries == before + 1
+    misses = service.cache.stats().misses
+    interactive(client, [keypoint(40, 40)], the_task=task(21, "/data/upload/1/flipped.png"))
+    assert service.cache.stats().misses == misses  # the click found the embedding ready
