@@ -18,6 +18,11 @@ import numpy as np
 
 _CHUNK = 2**16
 _HEADER_SIZES = "0010001101111111"  # widths 3, 4, 8, 16, each minus one
+_CLASS_LIMITS = np.array([1, 8, 16, 256], np.uint64)  # largest count of classes 0..3
+_PREFIX = np.array(
+    [0, 1 << 13, (1 << 14) | (1 << 12), (1 << 18) | (2 << 16), (1 << 26) | (3 << 24)], np.uint64
+)
+_WIDTH = np.array([14, 14, 15, 19, 27], np.int64)
 
 
 def encode_brush_mask(mask: np.ndarray) -> list[int]:
@@ -43,23 +48,13 @@ def encode_brush_mask(mask: np.ndarray) -> list[int]:
     is_last[np.cumsum(repeats) - 1] = True
     chunk_count = np.where(is_last, np.repeat(remainder, repeats), _CHUNK).astype(np.uint64)
 
-    count = chunk_count - 1
-    codes = np.empty_like(chunk_count)
-    widths = np.empty(chunk_count.size, np.int64)
-    single = ~chunk_long & (chunk_count == 1)  # literal of one word: 0 00 000 vvvvvvvv
-    small = ~chunk_long & (chunk_count >= 2) & (chunk_count <= 8)
-    medium = ~chunk_long & (chunk_count > 8) & (chunk_count <= 16)
-    large = ~chunk_long & (chunk_count > 16)
-    codes[single], widths[single] = chunk_value[single], 14
-    codes[small] = (1 << 13) | (count[small] << 8) | chunk_value[small]
-    widths[small] = 14
-    codes[medium] = (1 << 14) | (1 << 12) | (count[medium] << 8) | chunk_value[medium]
-    widths[medium] = 15
-    codes[large] = (1 << 18) | (2 << 16) | (count[large] << 8) | chunk_value[large]
-    widths[large] = 19
-    codes[chunk_long] = (1 << 26) | (3 << 24) | (count[chunk_long] << 8) | chunk_value[chunk_long]
-    widths[chunk_long] = 27
-
+    # Chunk classes: 0 literal of 1 word, 1 repeat <= 8, 2 <= 16, 3 <= 256, 4 split/long (16 bits).
+    # Every form keeps count - 1 at bit 8 and the value in bits 0-7, so one table lookup gives
+    # the prefix bits and the width.
+    chunk_class = np.searchsorted(_CLASS_LIMITS, chunk_count)
+    chunk_class[chunk_long] = 4
+    codes = _PREFIX[chunk_class] | ((chunk_count - 1) << np.uint64(8)) | chunk_value
+    widths = _WIDTH[chunk_class]
     header_code = np.array([int(header, 2)], np.uint64)
     codes = np.concatenate((header_code, codes))
     widths = np.concatenate(([len(header)], widths))
