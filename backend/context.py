@@ -86,7 +86,7 @@ def _label(item: dict) -> str | None:
     return None
 
 
-def _rectangle_box(value: dict, width: int, height: int) -> tuple[float, float, float, float]:
+def rectangle_box(value: dict, width: int, height: int) -> tuple[float, float, float, float]:
     x = _percent(value.get("x"), "rectangle x") * width / 100
     y = _percent(value.get("y"), "rectangle y") * height / 100
     box_width = _number(value.get("width"), "rectangle width") * width / 100
@@ -189,7 +189,7 @@ def parse_context(result: Sequence[dict]) -> InteractivePrompt | None:
             points.append((x, y))
             labels.append(1 if _is_positive(item) else 0)
         elif kind == "rectanglelabels":
-            boxes.append(_rectangle_box(value, width, height))
+            boxes.append(rectangle_box(value, width, height))
         else:
             mask = decode_brush_mask(value, width, height)
             stroke = mask if stroke.size == 0 else (stroke | mask)

@@ -23,7 +23,7 @@ from efficientsam.cache import InMemoryEmbeddingCache
 from efficientsam.predictor import Predictor
 from efficientsam.prompts import Prompt
 
-from .context import InteractivePrompt, PromptError, _rectangle_box, parse_context
+from .context import InteractivePrompt, PromptError, parse_context, rectangle_box
 from .images import ImageError, ImageLoader, LoadedImage
 from .label_config import LabelConfigError, ProjectConfig, parse_label_config
 from .metrics import Metrics
@@ -100,7 +100,7 @@ def task_rectangles(task: dict, image_name: str) -> list[BoxItem]:
                 value = item.get("value") or {}
                 labels = value.get("rectanglelabels") or value.get("labels") or [None]
                 boxes.append(
-                    BoxItem(_rectangle_box(value, width, height), (width, height), labels[0])
+                    BoxItem(rectangle_box(value, width, height), (width, height), labels[0])
                 )
             if boxes:
                 return boxes

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -35,7 +36,6 @@ class Settings:
     download_timeout_seconds: float = 20.0
     batch_time_budget_seconds: float = 60.0  # LS cuts /predict at 100 s
     log_level: str = "INFO"
-    extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def basic_auth_enabled(self) -> bool:
@@ -46,7 +46,7 @@ class Settings:
         """Settings from ``environ`` (default ``os.environ``), then ``overrides`` (not None)."""
         environ = os.environ if environ is None else environ
         values: dict[str, object] = {}
-        types = {f.name: f.type for f in fields(cls)}
+        types = typing.get_type_hints(cls)
         for name, variables in ENV.items():
             for variable in variables:
                 raw = environ.get(variable)
@@ -74,19 +74,15 @@ class Settings:
 
 
 def _convert(kind: object, raw: str, variable: str) -> object:
-    text = str(kind)
+    """An env string as the field's type (Path, int, float, bool, str; ``X | None`` as X)."""
+    options = [t for t in typing.get_args(kind) if t is not type(None)] or [kind]
+    target = options[0]
     try:
-        if "Path" in text:
-            return Path(raw)
-        if text in ("int", "<class 'int'>"):
-            return int(raw)
-        if text in ("float", "<class 'float'>"):
-            return float(raw)
-        if text in ("bool", "<class 'bool'>"):
+        if target is bool:
             return _flag(raw)
+        return target(raw)
     except ValueError:
-        raise ValueError(f"{variable}={raw!r} is not a valid {text}") from None
-    return raw
+        raise ValueError(f"{variable}={raw!r} is not a valid {target.__name__}") from None
 
 
 # field -> env variables, first found wins (LS / label-studio-ml conventions first).
