@@ -19,14 +19,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .build import tensors_fingerprint
 from .cache import EmbeddingCache, EmbeddingKey, InMemoryEmbeddingCache
 from .modeling import EfficientSam
 from .modeling.two_way_transformer import PreparedImage
 from .prompts import Prompt, fit_prompt
-from .utils import image_content_hash, image_to_tensor, tensor_version, validate_rgb_image
+from .utils import (
+    bicubic_resize_matrix,
+    image_content_hash,
+    image_to_tensor,
+    tensor_version,
+    validate_rgb_image,
+)
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PREPROCESSING_ID = "stretch1024-bilinear-noaa-imagenet"
@@ -94,6 +99,7 @@ class Predictor:
         self._prepared: OrderedDict[tuple, PreparedImage] = OrderedDict()
         self._prepared_capacity = prepared_images
         self._prepared_lock = threading.Lock()
+        self._resize: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
     # -- identity --------------------------------------------------------------------------
     @property
@@ -149,6 +155,27 @@ class Predictor:
                     self._prepared.popitem(last=False)
         return prepared
 
+    def _resize_matrices(
+        self, low_res_size: tuple[int, int], size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bicubic resize matrices (rows (H, h), columns (W, w)) for the decoder's low-res masks,
+        kept for the last few image sizes."""
+        matrices = []
+        for in_size, out_size in zip(low_res_size, size, strict=True):
+            key = (int(in_size), int(out_size), self.model.device)
+            with self._prepared_lock:
+                matrix = self._resize.get(key)
+                if matrix is not None:
+                    self._resize.move_to_end(key)
+            if matrix is None:
+                matrix = bicubic_resize_matrix(key[0], key[1]).to(self.model.device)
+                with self._prepared_lock:
+                    self._resize[key] = matrix
+                    while len(self._resize) > 8:
+                        self._resize.popitem(last=False)
+            matrices.append(matrix)
+        return matrices[0], matrices[1]
+
     # -- stateless API ---------------------------------------------------------------------
     def embed(self, image: np.ndarray, image_hash: str | None = None) -> ImageEmbedding:
         """Embeddings of an HxWx3 uint8 RGB image, from the cache when possible."""
@@ -193,24 +220,24 @@ class Predictor:
         started = time.perf_counter()
         device = self.model.device
         prepared = self.prepared_image(embedding)
-        with torch.inference_mode(), self._autocast():
-            low_res, iou = self.model.predict_masks(
-                prepared,
-                torch.from_numpy(points).to(device),
-                torch.from_numpy(labels).to(device),
-                multimask_output,
-                height,
-                width,
-            )
+        with torch.inference_mode():
+            with self._autocast():
+                low_res, iou = self.model.predict_masks(
+                    prepared,
+                    torch.from_numpy(points).to(device),
+                    torch.from_numpy(labels).to(device),
+                    multimask_output,
+                    height,
+                    width,
+                )
             low_res, iou = low_res[0].float(), iou[0].float()  # (Q, K, 256, 256), (Q, K)
             order = iou.argsort(dim=-1, descending=True)
             if return_best_only:
                 order = order[:, :1]
             iou = iou.gather(1, order)
             low_res = low_res.gather(1, order[:, :, None, None].expand(-1, -1, *low_res.shape[2:]))
-            logits = F.interpolate(
-                low_res, size=(height, width), mode="bicubic", align_corners=False
-            )
+            rows, columns = self._resize_matrices(low_res.shape[-2:], (height, width))
+            logits = rows @ low_res @ columns.T  # bicubic, as F.interpolate (see utils)
             masks = logits >= self.model.mask_threshold
         seconds = _synchronised_elapsed(started, masks)
         masks_np, iou_np, low_res_np = masks.cpu().numpy(), iou.cpu().numpy(), low_res.cpu().numpy()

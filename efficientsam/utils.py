@@ -1,15 +1,24 @@
-"""Small pure helpers: device choice, image conversion and hashing, mask geometry."""
+"""Small pure helpers: device choice, image conversion and hashing, mask geometry.
+
+Importing this module does not import torch (the web tier hashes images without it); the
+helpers that work on tensors import it when called.
+"""
 
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``"auto"``/None -> cuda when available, else cpu; anything else as given."""
+    import torch
+
     if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -30,9 +39,42 @@ def validate_rgb_image(image: np.ndarray) -> np.ndarray:
 
 def image_to_tensor(image: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """HxWx3 uint8 RGB -> (1, 3, H, W) float32 in [0, 1]."""
+    import torch
+
     image = validate_rgb_image(image)
     tensor = torch.from_numpy(image).to(device)
     return tensor.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+
+
+def bicubic_resize_matrix(in_size: int, out_size: int) -> torch.Tensor:
+    """(out_size, in_size) float32 matrix M with ``M @ x`` = PyTorch's bicubic resize of x along
+    its first axis (``F.interpolate(mode="bicubic", align_corners=False)``: cubic convolution with
+    A = -0.75, source coordinate (i + 0.5) * in/out - 0.5, taps clamped at the border).
+
+    Bicubic resizing is separable, so an (h, w) -> (H, W) resize is ``M_H @ x @ M_W.T``: two
+    dense matmuls, ~3x faster on CPU than the interpolation kernel for 256 -> 640x480. Results
+    agree with the kernel within ~2e-4 on logits of magnitude ~20 (the kernel itself is that far
+    from a float64 resize).
+    """
+    import torch
+
+    a = -0.75
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+    source = scale * (torch.arange(out_size, dtype=torch.float32) + 0.5) - 0.5
+    start = torch.floor(source)
+    t = (source - start).double()
+
+    def near(x: torch.Tensor) -> torch.Tensor:  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x: torch.Tensor) -> torch.Tensor:  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    weights = torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], dim=1)
+    taps = (start.long()[:, None] + torch.arange(-1, 3)).clamp(0, in_size - 1)
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
+    matrix.scatter_add_(1, taps, weights)  # clamped taps at the border accumulate
+    return matrix.float()
 
 
 def image_content_hash(image: np.ndarray) -> str:
@@ -46,10 +88,16 @@ def image_content_hash(image: np.ndarray) -> str:
 
 def mask_iou(first: np.ndarray | torch.Tensor, second: np.ndarray | torch.Tensor) -> float:
     """Intersection over union of two boolean masks of the same shape (1.0 if both empty)."""
-    a = torch.as_tensor(first).bool()
-    b = torch.as_tensor(second).bool()
-    union = (a | b).sum().item()
-    return 1.0 if union == 0 else (a & b).sum().item() / union
+    a = _as_bool_array(first)
+    b = _as_bool_array(second)
+    union = int(np.count_nonzero(a | b))
+    return 1.0 if union == 0 else int(np.count_nonzero(a & b)) / union
+
+
+def _as_bool_array(mask: np.ndarray | torch.Tensor) -> np.ndarray:
+    if hasattr(mask, "detach"):  # a tensor
+        mask = mask.detach().cpu().numpy()
+    return np.asarray(mask).astype(bool, copy=False)
 
 
 def mask_to_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:

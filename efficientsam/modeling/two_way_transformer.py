@@ -49,16 +49,23 @@ class Attention(nn.Module):
         return self.out_proj(self.attend(self.q_proj(q), self.k_proj(k), self.v_proj(v)))
 
     def attend_image_to_few_tokens(
-        self, projected_query: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self,
+        projected_query: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``out_proj(attend(projected_query, k_proj(k), v_proj(v)))`` for many image queries
-        over a few tokens.
+        """``residual + out_proj(attend(projected_query, k_proj(k), v_proj(v)))`` for many image
+        queries over a few tokens (``residual`` (B, N, C) optional).
 
         projected_query (B, N, Ci) = ``q_proj`` of the image tokens; k, v (B, T, C), T small.
         Scores are computed transposed, (B, heads*T, N), with a block-diagonal key matrix so all
         heads take one matmul and the softmax runs over a non-last axis (CPU softmax over a last
         axis of ~11 is slower than the whole matmul); the value and output projections are
-        folded into one (heads*T, C) matrix, so the output is a single matmul too.
+        folded into one (heads*T, C) matrix, so the output is a single matmul too. Each head's
+        weights sum to one over the tokens, so adding ``out_proj.bias / heads`` to every row of
+        that matrix adds the bias exactly once, and the matmul accumulates straight into the
+        residual (no separate bias or residual pass over the N x C output).
         """
         batch, num_tokens, _ = k.shape
         heads = self.num_heads
@@ -75,9 +82,12 @@ class Attention(nn.Module):
         out_weight = self.out_proj.weight.view(self.embedding_dim, heads, head_dim)
         value_out = torch.einsum("bthd,chd->bhtc", value, out_weight)
         value_out = value_out.reshape(batch, heads * num_tokens, self.embedding_dim)
-        return torch.baddbmm(
-            self.out_proj.bias.expand(1, 1, -1), weights.transpose(1, 2), value_out
-        )
+        if residual is None:
+            return torch.baddbmm(
+                self.out_proj.bias.expand(1, 1, -1), weights.transpose(1, 2), value_out
+            )
+        value_out = value_out + self.out_proj.bias / heads
+        return torch.baddbmm(residual, weights.transpose(1, 2), value_out)
 
     def attend_few_queries_to_image(
         self, q: torch.Tensor, keys: torch.Tensor, key_offset: torch.Tensor
@@ -239,10 +249,11 @@ class TwoWayAttentionBlock(nn.Module):
             repeats = num_queries // num_images
             image_to_token_query = image_to_token_query.repeat_interleave(repeats, dim=0)
             keys = keys.repeat_interleave(repeats, dim=0)
-        attended = attention.attend_image_to_few_tokens(
-            image_to_token_query, tokens_with_pe, queries
+        keys = self.norm4(
+            attention.attend_image_to_few_tokens(
+                image_to_token_query, tokens_with_pe, queries, residual=keys
+            )
         )
-        keys = self.norm4(keys + attended)
         return queries, keys
 
 
