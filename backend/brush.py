@@ -25,8 +25,10 @@ _PREFIX = np.array(
 _WIDTH = np.array([14, 14, 15, 19, 27], np.int64)
 
 
-def encode_brush_mask(mask: np.ndarray) -> list[int]:
-    """(H, W) bool/uint8 mask -> LS brush RLE (list of byte values); foreground = 255."""
+def encode_brush_mask(mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool/uint8 mask -> LS brush RLE bytes (uint8 array; ``.tolist()`` is the SDK's
+    list); foreground = 255. An array, not a list: orjson writes it and pickle ships it (RQ) in
+    a fraction of the time a 150,000-int list takes."""
     flat = np.asarray(mask).ravel() != 0
     total = flat.size * 4
     header = f"{total:032b}" + f"{7:05b}" + _HEADER_SIZES
@@ -34,34 +36,38 @@ def encode_brush_mask(mask: np.ndarray) -> list[int]:
         return _pack(np.array([int(b) for b in header], np.uint8))
     change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
     starts = np.concatenate(([0], change))
-    lengths = np.diff(np.concatenate((starts, [flat.size]))).astype(np.int64) * 4
-    run_values = np.where(flat[starts], 255, 0).astype(np.uint64)
+    lengths = np.diff(np.concatenate((starts, [flat.size]))) * 4
+    run_values = flat[starts].astype(np.uint64) * np.uint64(255)
 
     long = lengths > 256
-    full_chunks = np.where(long, (lengths - 1) // _CHUNK, 0)
-    remainder = lengths - full_chunks * _CHUNK
-    # One code per emitted chunk: the full 2^16 chunks of long runs first, then the last piece.
-    repeats = full_chunks + 1
-    chunk_value = np.repeat(run_values, repeats)
-    chunk_long = np.repeat(long, repeats)
-    is_last = np.zeros(int(repeats.sum()), bool)
-    is_last[np.cumsum(repeats) - 1] = True
-    chunk_count = np.where(is_last, np.repeat(remainder, repeats), _CHUNK).astype(np.uint64)
+    if (lengths > _CHUNK).any():
+        # Runs longer than 2^16 values become full 2^16 chunks plus the remainder.
+        full_chunks = np.where(long, (lengths - 1) // _CHUNK, 0)
+        repeats = full_chunks + 1
+        remainder = lengths - full_chunks * _CHUNK
+        run_values = np.repeat(run_values, repeats)
+        long = np.repeat(long, repeats)
+        is_last = np.zeros(int(repeats.sum()), bool)
+        is_last[np.cumsum(repeats) - 1] = True
+        lengths = np.where(is_last, np.repeat(remainder, repeats), _CHUNK)
+    chunk_count = lengths.astype(np.uint64)
 
     # Chunk classes: 0 literal of 1 word, 1 repeat <= 8, 2 <= 16, 3 <= 256, 4 split/long (16 bits).
     # Every form keeps count - 1 at bit 8 and the value in bits 0-7, so one table lookup gives
     # the prefix bits and the width.
     chunk_class = np.searchsorted(_CLASS_LIMITS, chunk_count)
-    chunk_class[chunk_long] = 4
-    codes = _PREFIX[chunk_class] | ((chunk_count - 1) << np.uint64(8)) | chunk_value
-    widths = _WIDTH[chunk_class]
-    header_code = np.array([int(header, 2)], np.uint64)
-    codes = np.concatenate((header_code, codes))
-    widths = np.concatenate(([len(header)], widths))
+    chunk_class[long] = 4
+    codes = np.empty(chunk_count.size + 1, np.uint64)
+    codes[0] = int(header, 2)
+    np.bitwise_or(_PREFIX[chunk_class], (chunk_count - 1) << np.uint64(8), out=codes[1:])
+    codes[1:] |= run_values
+    widths = np.empty(codes.size, np.int64)
+    widths[0] = len(header)
+    np.take(_WIDTH, chunk_class, out=widths[1:])
     return _pack_codes(codes, widths)
 
 
-def _pack_codes(codes: np.ndarray, widths: np.ndarray) -> list[int]:
+def _pack_codes(codes: np.ndarray, widths: np.ndarray) -> np.ndarray:
     """Concatenate codes (uint64, MSB first, ``widths`` bits each, <= 64) into bytes, zero-pad
     with 1..8 bits. Bits of different codes never overlap, so each 64-bit word is the OR of the
     pieces that land in it; a code crossing a word boundary also puts its low part at the top
@@ -84,9 +90,9 @@ def _pack_codes(codes: np.ndarray, widths: np.ndarray) -> list[int]:
     if crossing.any():
         spill = (64 - overflow[crossing]).astype(np.uint64)
         words[word[crossing] + 1] |= codes[crossing] << spill
-    return words.astype(">u8").view(np.uint8)[: total_bits // 8].tolist()
+    return words.astype(">u8").view(np.uint8)[: total_bits // 8]
 
 
-def _pack(bits: np.ndarray) -> list[int]:
+def _pack(bits: np.ndarray) -> np.ndarray:
     padded = np.concatenate((bits, np.zeros(8 - bits.size % 8, np.uint8)))
-    return np.packbits(padded).tolist()
+    return np.packbits(padded)

@@ -18,9 +18,10 @@ def region_id() -> str:
     return secrets.token_urlsafe(8)[:10]
 
 
-def brush_rle(mask: np.ndarray) -> list[int]:
+def brush_rle(mask: np.ndarray) -> np.ndarray:
     """LS brush RLE of a (H, W) bool mask: RGBA with alpha 255 on the mask (the SDK's format,
-    vectorised: see backend/brush.py)."""
+    vectorised: see backend/brush.py), as a uint8 array (JSON-encode with orjson's numpy option,
+    or ``.tolist()``)."""
     return encode_brush_mask(mask)
 
 
