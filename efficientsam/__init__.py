@@ -1,15 +1,24 @@
-"""EfficientSAM (Ti / S) in PyTorch: model, checkpoint loading, predictor and embedding cache."""
+"""EfficientSAM (Ti / S) in PyTorch: model, checkpoint loading, predictor and embedding cache.
 
-from .build import (
-    VARIANTS,
-    CheckpointError,
-    build_efficient_sam,
-    build_efficient_sam_s,
-    build_efficient_sam_ti,
-    load_model,
-    save_checkpoint,
-)
-from .modeling import EfficientSam
+The top-level names are imported on first use, so that torch-free parts of the library
+(``efficientsam.prompts``, ``efficientsam.utils``) can be used by processes without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "VARIANTS": "build",
+    "CheckpointError": "build",
+    "build_efficient_sam": "build",
+    "build_efficient_sam_s": "build",
+    "build_efficient_sam_ti": "build",
+    "load_model": "build",
+    "save_checkpoint": "build",
+    "EfficientSam": "modeling",
+}
 
 __all__ = [
     "VARIANTS",
@@ -21,3 +30,22 @@ __all__ = [
     "load_model",
     "save_checkpoint",
 ]
+
+if TYPE_CHECKING:
+    from .build import (
+        VARIANTS,
+        CheckpointError,
+        build_efficient_sam,
+        build_efficient_sam_s,
+        build_efficient_sam_ti,
+        load_model,
+        save_checkpoint,
+    )
+    from .modeling import EfficientSam
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'efficientsam' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .modeling.prompt_encoder import (
-    LABEL_BOX_BOTTOM_RIGHT,
-    LABEL_BOX_TOP_LEFT,
-    LABEL_NEGATIVE,
-    LABEL_POSITIVE,
-)
+# Point label values of the EfficientSAM prompt format (this module needs no torch, so that
+# the web tier can build prompts without it).
+LABEL_PADDING = -1
+LABEL_NEGATIVE = 0
+LABEL_POSITIVE = 1
+LABEL_BOX_TOP_LEFT = 2
+LABEL_BOX_BOTTOM_RIGHT = 3
 
 MAX_PROMPT_TOKENS = 6
 

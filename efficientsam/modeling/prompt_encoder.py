@@ -7,14 +7,14 @@ import math
 import torch
 from torch import nn
 
+from ..prompts import (  # noqa: F401  (re-exported: the label values of the prompt format)
+    LABEL_BOX_BOTTOM_RIGHT,
+    LABEL_BOX_TOP_LEFT,
+    LABEL_NEGATIVE,
+    LABEL_PADDING,
+    LABEL_POSITIVE,
+)
 from ..utils import tensor_version
-
-# Point label values of the EfficientSAM prompt format.
-LABEL_PADDING = -1
-LABEL_NEGATIVE = 0
-LABEL_POSITIVE = 1
-LABEL_BOX_TOP_LEFT = 2
-LABEL_BOX_BOTTOM_RIGHT = 3
 
 
 class PositionEmbeddingRandom(nn.Module):
