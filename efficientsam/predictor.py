@@ -176,6 +176,16 @@ class Predictor:
             matrices.append(matrix)
         return matrices[0], matrices[1]
 
+    def upscale_logits(self, low_res: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Bicubic resize of mask logits (..., h, w), e.g. the decoder's (..., 256, 256), to
+        size (H, W) pixels -> logits (..., H, W); threshold at ``model.mask_threshold`` for masks.
+
+        Same values as ``F.interpolate(mode="bicubic", align_corners=False)``, computed as two
+        matmuls with cached matrices (see :func:`~efficientsam.utils.bicubic_resize_matrix`)."""
+        rows, columns = self._resize_matrices(low_res.shape[-2:], size)
+        rows, columns = rows.to(low_res.dtype), columns.to(low_res.dtype)
+        return rows @ low_res @ columns.T
+
     # -- stateless API ---------------------------------------------------------------------
     def embed(self, image: np.ndarray, image_hash: str | None = None) -> ImageEmbedding:
         """Embeddings of an HxWx3 uint8 RGB image, from the cache when possible."""
@@ -236,8 +246,7 @@ class Predictor:
                 order = order[:, :1]
             iou = iou.gather(1, order)
             low_res = low_res.gather(1, order[:, :, None, None].expand(-1, -1, *low_res.shape[2:]))
-            rows, columns = self._resize_matrices(low_res.shape[-2:], (height, width))
-            logits = rows @ low_res @ columns.T  # bicubic, as F.interpolate (see utils)
+            logits = self.upscale_logits(low_res, (height, width))
             masks = logits >= self.model.mask_threshold
         seconds = _synchronised_elapsed(started, masks)
         masks_np, iou_np, low_res_np = masks.cpu().numpy(), iou.cpu().numpy(), low_res.cpu().numpy()
