@@ -27,6 +27,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="env PRECISION, default float32",
     )
     parser.add_argument("--model-dir", type=Path, help="env MODEL_DIR")
+    parser.add_argument(
+        "--redis-url",
+        help="env REDIS_URL: work goes to `python -m worker` processes (default: none, model in this process)",
+    )
     parser.add_argument("--log-level", help="env LOG_LEVEL, default INFO")
     return parser.parse_args(argv)
 
@@ -41,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             precision=args.precision,
             model_dir=args.model_dir,
+            redis_url=args.redis_url,
             log_level=args.log_level,
         )
     except ValueError as error:
@@ -51,21 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     import uvicorn
 
-    from efficientsam.build import CheckpointError
-
     from .app import create_app
     from .service import ServiceError
+    from .transports import TransportError
 
     try:
         app = create_app(settings)
-    except (ServiceError, CheckpointError) as error:
+    except (ServiceError, TransportError) as error:
         print(f"backend: error: {error}", file=sys.stderr)
         return 2
     logging.getLogger(__name__).info(
-        "serving %s on http://%s:%d (%s)",
-        app.state.service.model_version,
+        "serving on http://%s:%d (%s transport, %s)",
         settings.host,
         settings.port,
+        app.state.service.transport.name,
         "basic auth on" if settings.basic_auth_enabled else "no auth",
     )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())

@@ -86,12 +86,12 @@ def create_app(settings: Settings, service: SegmentationService | None = None) -
         service = SegmentationService(settings, metrics)
 
     async def health(request: Request) -> Response:
-        return FastJSONResponse(service.health())
+        body, status = await run_in_threadpool(service.health)
+        return FastJSONResponse(body, status_code=status)
 
     async def setup(request: Request) -> Response:
         payload = await _json_body(request)
-        service.loader.use_setup_credentials(payload.get("hostname"), payload.get("access_token"))
-        return FastJSONResponse({"model_version": service.model_version})
+        return FastJSONResponse(await run_in_threadpool(service.setup, payload))
 
     async def predict(request: Request) -> Response:
         payload = await _json_body(request)
@@ -110,7 +110,8 @@ def create_app(settings: Settings, service: SegmentationService | None = None) -
         return FastJSONResponse({"status": "ok", "action": action}, status_code=200)
 
     async def versions(request: Request) -> Response:
-        return FastJSONResponse({"versions": [service.model_version]})
+        project = request.query_params.get("project")
+        return FastJSONResponse(await run_in_threadpool(service.versions, project))
 
     async def metrics_route(request: Request) -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")

@@ -25,6 +25,17 @@ def brush_rle(mask: np.ndarray) -> np.ndarray:
     return encode_brush_mask(mask)
 
 
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a (H, W) bool mask to size = (width, height) pixels (the
+    browser's image size, when the downloaded file has another size)."""
+    if (mask.shape[1], mask.shape[0]) == tuple(size):
+        return mask
+    from PIL import Image
+
+    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize(tuple(size), Image.NEAREST)
+    return np.asarray(resized) > 127
+
+
 def png_data_url(mask: np.ndarray) -> str:
     from PIL import Image
 

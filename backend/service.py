@@ -1,43 +1,42 @@
-"""The segmentation work behind /predict, embedded in the server process.
+"""What the routes do: Label Studio's requests in, job requests out, LS answers back.
 
-``SegmentationService`` is what the routes see. This module's implementation holds the model
-in-process (the embedded default: no Redis); the worker issue adds a transport that runs the
-same functions in RQ workers. The model loads in a background thread at start-up; the version
-string is computed before the server accepts requests (it only needs the checkpoint's tensors).
+``SegmentationService`` speaks LS's side (tasks, label configs, context prompts, batch rules,
+model versions) and leaves the model work to a :class:`~backend.transports.Transport`: the
+embedded one (model in this process) or the RQ one (``python -m worker`` processes). Both run
+the same job functions of ``worker.jobs`` on the same JSON requests.
+
+Batch predictions ("Retrieve predictions", ``context`` null). LS stores every entry that has a
+``result`` as the current version's prediction and never asks again for that task under that
+version, while entries without ``result`` are skipped and asked for again next time. So:
+
+* embedded: each task is predicted in the request (boxes, or automatic masks, see
+  ``autolabel_mode``) until the time budget is spent; tasks without work, failed tasks and tasks
+  left over get an entry without ``result`` (the reason in ``skipped``);
+* Redis: every task becomes one ``autolabel`` job on the ``batch`` queue (job id = project, task
+  and version, so a second "Retrieve predictions" does not queue it twice) and the answer holds
+  no ``result`` at all: the workers write each prediction through the LS API with the same
+  version string, after checking that the task has none of that version yet. LS answers at once
+  whatever the number of tasks, and a task whose job failed is asked for again next time.
+* A single task (LS sends one when the editor opens a task without predictions) never waits for
+  automatic masks: its rectangles are turned into masks at once (embedded), and its embedding is
+  computed in the background so that the first click is fast.
 """
 
 from __future__ import annotations
 
 import logging
-import statistics
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
+from worker.registry import project_id
 
-from efficientsam.build import infer_variant, load_model, load_state_dict_file, tensors_fingerprint
-from efficientsam.cache import InMemoryEmbeddingCache
-from efficientsam.predictor import Predictor
-from efficientsam.prompts import Prompt
-
-from .context import InteractivePrompt, PromptError, parse_context, rectangle_box
-from .images import ImageError, ImageLoader, LoadedImage
+from .context import PromptError, parse_context, rectangle_box
 from .label_config import LabelConfigError, ProjectConfig, parse_label_config
 from .metrics import Metrics
-from .results import mask_results
-from .settings import Settings
+from .settings import AUTOLABEL_MODES, Settings
+from .transports import Transport, TransportError, create_transport
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CHECKPOINT_NAMES = (
-    "efficient_sam_vitt.pt",
-    "efficient_sam_vits.pt.zip",
-    "efficient_sam_vits.pt",
-    "efficient_sam_vitt.safetensors",
-)
 
 
 class ServiceError(Exception):
@@ -48,32 +47,14 @@ class ServiceError(Exception):
         self.status = status
 
 
-def find_checkpoint(settings: Settings) -> Path:
-    """The configured checkpoint, or a known file name under MODEL_DIR."""
-    if settings.checkpoint is not None:
-        return Path(settings.checkpoint)
-    for name in DEFAULT_CHECKPOINT_NAMES:
-        candidate = Path(settings.model_dir) / name
-        if candidate.is_file():
-            return candidate
-    raise ServiceError(
-        f"no checkpoint: pass --checkpoint PATH (or CHECKPOINT=...), or put one of "
-        f"{', '.join(DEFAULT_CHECKPOINT_NAMES)} in MODEL_DIR={settings.model_dir}",
-        500,
-    )
-
-
-def checkpoint_version(path: Path) -> str:
-    """Deterministic version: variant + fingerprint of all weights, e.g. efficientsam-ti-1a2b3c4d."""
-    state = load_state_dict_file(path)
-    return f"efficientsam-{infer_variant(state).name}-{tensors_fingerprint(state)[:8]}"
-
-
 @dataclass(frozen=True)
 class BoxItem:
     box: tuple[float, float, float, float]  # pixels of ``size``
     size: tuple[int, int]  # (width, height) the box's percentages refer to
     label: str | None
+
+    def as_request(self) -> dict:
+        return {"box": list(self.box), "size": list(self.size), "label": self.label}
 
 
 def task_rectangles(task: dict, image_name: str) -> list[BoxItem]:
@@ -107,104 +88,105 @@ def task_rectangles(task: dict, image_name: str) -> list[BoxItem]:
     return []
 
 
-def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a (H, W) bool mask to size = (width, height)."""
-    if (mask.shape[1], mask.shape[0]) == size:
-        return mask
-    from PIL import Image
+def output_request(config: ProjectConfig) -> dict:
+    output = config.output
+    return {
+        "tag": output.tag,
+        "name": output.name,
+        "to_name": output.to_name,
+        "labels": list(output.labels),
+    }
 
-    return (
-        np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 127
-    )
+
+def image_url(task: dict, config: ProjectConfig) -> str:
+    url = (task.get("data") or {}).get(config.image_data_key)
+    if not isinstance(url, str) or not url.strip():
+        raise ServiceError(f"task {task.get('id')} has no data.{config.image_data_key}", 422)
+    return url
+
+
+def autolabel_request(
+    project: str | None,
+    task: dict,
+    config: ProjectConfig,
+    mode: str,
+    points_per_side: int,
+    version: str,
+    write_back: bool,
+) -> dict:
+    """The ``worker.jobs.autolabel`` request for one LS task (see worker/jobs.py)."""
+    return {
+        "project": project,
+        "task": {
+            "id": task.get("id"),
+            "image": image_url(task, config),
+            "boxes": [b.as_request() for b in task_rectangles(task, config.image_name)],
+        },
+        "mode": mode,
+        "points_per_side": points_per_side,
+        "output": output_request(config),
+        "model_version": version,
+        "write_back": write_back,
+    }
+
+
+def autolabel_job_id(project: str | None, task_id: object, version: str) -> str:
+    """One batch job per (project, task, version): a second "Retrieve predictions" or CLI run
+    finds it queued or running and does not add another."""
+    return f"autolabel-p{project}-t{task_id}-{version}"
 
 
 class SegmentationService:
-    """Embedded transport: model in this process, one computation at a time."""
+    """LS protocol on top of a transport (see module docstring)."""
 
     def __init__(
-        self, settings: Settings, metrics: Metrics | None = None, loader: ImageLoader | None = None
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.checkpoint = find_checkpoint(settings)
-        started = time.perf_counter()
-        self.model_version = checkpoint_version(self.checkpoint)
-        logger.info(
-            "model version %s (%s, %.2f s)",
-            self.model_version,
-            self.checkpoint,
-            time.perf_counter() - started,
-        )
-        self.loader = loader or ImageLoader(
-            settings.label_studio_url,
-            settings.label_studio_api_key,
-            settings.max_download_bytes,
-            settings.max_image_pixels,
-            settings.download_timeout_seconds,
-            settings.image_cache_bytes,
-        )
-        self.cache = InMemoryEmbeddingCache(settings.embedding_cache_bytes)
-        self.metrics.watch_cache(self.cache.stats)
-        self.predictor: Predictor | None = None
-        self.load_error: str | None = None
-        self._ready = threading.Event()
-        # Every torch call (load, encoder, decoder, prewarm) runs on this one thread. PyTorch's
-        # CPU parallelism (OpenMP) keeps a team of threads per calling thread; computing from
-        # several request threads makes several teams spin against each other for the same
-        # cores (measured: a 29 ms click became 37 ms). One thread also serialises the model.
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-compute")
-        self._prewarm_downloads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prewarm")
+        self.transport = transport or create_transport(settings)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        self._compute.submit(self._load_model)
-
-    def _load_model(self) -> None:
-        import torch
-
-        from efficientsam.utils import keep_freed_memory_for_reuse
-
-        started = time.perf_counter()
-        try:
-            if self.settings.threads > 0:
-                torch.set_num_threads(self.settings.threads)
-            keep_freed_memory_for_reuse()
-            model = load_model(self.checkpoint, device=self.settings.device)
-            self.predictor = Predictor(model, cache=self.cache, precision=self.settings.precision)
-            logger.info("model ready on %s in %.1f s", model.device, time.perf_counter() - started)
-        except Exception as error:  # reported by /health and every /predict
-            self.load_error = f"{type(error).__name__}: {error}"
-            logger.exception("model failed to load")
-        finally:
-            self._ready.set()
-
-    @property
-    def ready(self) -> bool:
-        return self._ready.is_set() and self.predictor is not None
-
-    def health(self) -> dict:
-        device = str(self.predictor.model.device) if self.predictor else None
-        return {
-            "status": "UP",
-            "model_class": "EfficientSam",
-            "model_version": self.model_version,
-            "model_ready": self.ready,
-            "model_error": self.load_error,
-            "device": device,
-            "transport": "embedded",
-        }
-
-    def _require_predictor(self, wait_seconds: float = 60.0) -> Predictor:
-        if not self._ready.wait(wait_seconds):
-            raise ServiceError("the model is still loading; try again in a moment", 503)
-        if self.predictor is None:
-            raise ServiceError(f"the model failed to load: {self.load_error}", 503)
-        return self.predictor
+        self.transport.start()
 
     def close(self) -> None:
-        self._prewarm_downloads.shutdown(wait=False, cancel_futures=True)
-        self._compute.shutdown(wait=False, cancel_futures=True)
-        self.loader.close()
+        self.transport.close()
+
+    def _guard(self, function, *args):
+        try:
+            return function(*args)
+        except TransportError as error:
+            raise ServiceError(str(error), error.status) from error
+
+    # -- /health, /setup, /versions ------------------------------------------------------------
+    def health(self) -> tuple[dict, int]:
+        """(body, HTTP status): 200 while work can be done, 503 with the reason otherwise."""
+        body = {"status": "UP", "model_class": "EfficientSam"}
+        try:
+            body.update(self.transport.status())
+            body["model_version"] = self.transport.model_version(None)
+        except TransportError as error:
+            return {**body, "status": "DOWN", "reason": str(error)}, error.status
+        return body, 200
+
+    def setup(self, payload: dict) -> dict:
+        project = project_id(payload.get("project"))
+        params = payload.get("extra_params")
+        if isinstance(params, dict):
+            self._guard(self.transport.set_project_params, project, params)
+        runtime = getattr(self.transport, "runtime", None)
+        if runtime is not None:  # embedded: LS's own URL/token when none is configured
+            runtime.loader.use_setup_credentials(
+                payload.get("hostname"), payload.get("access_token")
+            )
+        return {"model_version": self._guard(self.transport.model_version, project)}
+
+    def versions(self, project: str | None = None) -> dict:
+        return {"versions": self._guard(self.transport.versions, project)}
 
     # -- /predict ----------------------------------------------------------------------------
     def predict(self, request: dict) -> dict:
@@ -216,22 +198,26 @@ class SegmentationService:
             config = parse_label_config(request.get("label_config") or "")
         except LabelConfigError as error:
             raise ServiceError(str(error), 422) from error
+        project = project_id(request.get("project")) or project_id(tasks[0].get("project"))
         params = request.get("params") or {}
         context = params.get("context") if isinstance(params, dict) else None
         if context:
             if len(tasks) != 1:
                 raise ServiceError("an interactive request must carry exactly one task", 400)
-            return {"results": [self.interactive(tasks[0], context, config)]}
-        return {"results": self.batch(tasks, config)}
+            return {"results": [self.interactive(project, tasks[0], context, config)]}
+        return {"results": self.batch(project, tasks, config)}
 
-    def _image(self, task: dict, config: ProjectConfig) -> LoadedImage:
-        data = task.get("data") or {}
-        url = data.get(config.image_data_key)
-        if not url:
-            raise ImageError(f"task {task.get('id')} has no data.{config.image_data_key}")
-        return self.loader.load(url, task.get("id"))
+    def _observe(self, entry: dict) -> None:
+        timings = entry.pop("timings", None) or {}
+        if timings.get("encoder"):
+            self.metrics.encoder_seconds.observe(timings["encoder"])
+            self.metrics.embedding_cache.labels("miss").inc()
+        elif "encoder" in timings:
+            self.metrics.embedding_cache.labels("hit").inc()
+        if timings.get("decoder"):
+            self.metrics.decoder_seconds.observe(timings["decoder"])
 
-    def interactive(self, task: dict, context: dict, config: ProjectConfig) -> dict:
+    def interactive(self, project: str | None, task: dict, context: dict, config) -> dict:
         if not isinstance(context, dict):
             raise ServiceError("params.context must be an object", 400)
         try:
@@ -240,120 +226,122 @@ class SegmentationService:
             self.metrics.predictions.labels("interactive", "bad_prompt").inc()
             raise ServiceError(str(error), 422) from error
         if prompt is None:
-            return {"result": [], "model_version": self.model_version}
-        predictor = self._require_predictor()
-        try:
-            image = self._image(task, config)
-        except ImageError as error:
-            self.metrics.predictions.labels("interactive", "image_error").inc()
-            raise ServiceError(str(error), error.status) from error
-        masks, scores, dropped_points = self._segment(predictor, image, [prompt])
-        label = config.output.label_for(prompt.label)
-        entry = {
-            "result": mask_results(masks[0], config.output, label, scores[0]),
-            "score": round(scores[0], 6),
-            "model_version": self.model_version,
+            version = self._guard(self.transport.model_version, project)
+            return {"result": [], "model_version": version}
+        request = {
+            "project": project,
+            "task": task.get("id"),
+            "image": image_url(task, config),
+            "size": list(prompt.size),
+            "prompt": {
+                "points": prompt.prompt.points.tolist(),
+                "labels": prompt.prompt.labels.tolist(),
+                "box": list(prompt.prompt.box) if prompt.prompt.box is not None else None,
+            },
+            "output": output_request(config),
+            "label": prompt.label,
+            "dropped_items": prompt.dropped_items,
         }
-        if dropped_points[0] or prompt.dropped_items:
-            entry["info"] = (
-                f"EfficientSAM takes 6 prompt tokens: dropped {dropped_points[0]} older click(s) "
-                f"and {prompt.dropped_items} older rectangle(s)"
-            )
+        entry = self._guard(
+            self.transport.call,
+            "segment",
+            request,
+            "interactive",
+            self.settings.interactive_wait_seconds,
+        )
+        if "error" in entry:
+            self.metrics.predictions.labels("interactive", "error").inc()
+            raise ServiceError(entry["error"], int(entry.get("status") or 422))
+        self._observe(entry)
         self.metrics.predictions.labels("interactive", "ok").inc()
         return entry
 
-    def _segment(
-        self, predictor: Predictor, image: LoadedImage, prompts: list[InteractivePrompt | BoxItem]
-    ) -> tuple[list[np.ndarray], list[float], list[int]]:
-        """Best mask per prompt at the prompt's (browser) size, its score, clicks dropped."""
-        width, height = image.size
-        model_prompts = []
-        for item in prompts:
-            if isinstance(item, BoxItem):
-                sx, sy = width / item.size[0], height / item.size[1]
-                x0, y0, x1, y1 = item.box
-                model_prompts.append(Prompt.create(box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy)))
-            else:
-                model_prompts.append(item.scaled_to(width, height))
-        # One ambiguous click: 3 candidates, keep the best; boxes/several clicks: single mask.
-        multimask = all(p.box is None and len(p.points) == 1 for p in model_prompts)
+    def autolabel_mode(self, project: str | None) -> tuple[str, int]:
+        """The project's batch mode and grid (backend record's extra_params, else env)."""
+        params = self._guard(self.transport.project_params, project)
+        mode = params.get("autolabel_mode", self.settings.autolabel_mode)
+        if mode not in AUTOLABEL_MODES:
+            mode = self.settings.autolabel_mode
+        points = params.get("points_per_side", self.settings.autolabel_points_per_side)
+        if not isinstance(points, int) or not 0 <= points <= 64:
+            points = self.settings.autolabel_points_per_side
+        return mode, points
 
-        def compute() -> tuple:
-            embedding = predictor.embed(image.array, image.content_hash)
-            return embedding, predictor.decode(
-                embedding, model_prompts, multimask, return_best_only=True
-            )
-
-        embedding, predictions = self._compute.submit(compute).result()
-        if not embedding.from_cache:
-            self.metrics.encoder_seconds.observe(embedding.encoder_seconds)
-        self.metrics.decoder_seconds.observe(predictions[0].decoder_seconds)
-        masks = [
-            resize_mask(p.best_mask, item.size)
-            for p, item in zip(predictions, prompts, strict=True)
-        ]
-        return masks, [p.best_score for p in predictions], [p.dropped_points for p in predictions]
-
-    def batch(self, tasks: list[dict], config: ProjectConfig) -> list[dict]:
-        """Box-to-mask for tasks with rectangles. Entries without ``result`` are skipped by LS
-        (nothing stored, asked again next time): tasks without rectangles, failed tasks and
-        tasks left over when the time budget runs out."""
+    def batch(self, project: str | None, tasks: list[dict], config: ProjectConfig) -> list[dict]:
+        version = self._guard(self.transport.model_version, project)
+        mode, points_per_side = self.autolabel_mode(project)
+        queued = self.transport.name != "embedded"
         deadline = time.monotonic() + self.settings.batch_time_budget_seconds
+        single = len(tasks) == 1
         entries = []
         for task in tasks:
             task_id = task.get("id")
-            if time.monotonic() > deadline:
-                entries.append(self._skipped("time budget of this request used up; retrieve again"))
-                continue
             try:
-                boxes = task_rectangles(task, config.image_name)
-                if not boxes:
-                    if len(tasks) == 1:
-                        self.prewarm(task, config)  # the editor is opening it: get ready for clicks
-                    entries.append(self._skipped("no rectangles to turn into masks"))
+                if mode == "off":
+                    entries.append(self._skipped(version, "batch predictions are off (mode off)"))
                     continue
-                predictor = self._require_predictor()
-                image = self._image(task, config)
-                masks, scores, _ = self._segment(predictor, image, boxes)
-                result = []
-                for mask, score, box in zip(masks, scores, boxes, strict=True):
-                    result += mask_results(
-                        mask, config.output, config.output.label_for(box.label), score
-                    )
-                entries.append(
-                    {
-                        "result": result,
-                        "score": round(statistics.fmean(scores), 6),
-                        "model_version": self.model_version,
-                    }
+                request = autolabel_request(
+                    project, task, config, mode, points_per_side, version, queued
                 )
-                self.metrics.predictions.labels("batch", "ok").inc()
-            except (ImageError, PromptError, ServiceError, LabelConfigError) as error:
+                boxes = request["task"]["boxes"]
+                prewarm = {"project": project, "task": task_id, "image": request["task"]["image"]}
+                automatic = not boxes and mode in ("auto", "everything")
+                if not boxes and not automatic:
+                    if single:
+                        self.transport.submit("prewarm", prewarm, "batch", at_front=True)
+                    entries.append(self._skipped(version, "no rectangles to turn into masks"))
+                elif queued:
+                    job = self._guard(
+                        self.transport.submit,
+                        "autolabel",
+                        request,
+                        "batch",
+                        autolabel_job_id(project, task_id, version),
+                        single,
+                        f"autolabel task {task_id} of project {project} ({mode})",
+                    )
+                    entries.append(
+                        self._skipped(
+                            version,
+                            f"queued as job {job}: the workers write the prediction to "
+                            "Label Studio",
+                        )
+                    )
+                elif single and automatic:
+                    self.transport.submit("prewarm", prewarm, "batch")
+                    entries.append(
+                        self._skipped(version, "automatic masks are not computed for one task")
+                    )
+                elif time.monotonic() > deadline:
+                    entries.append(
+                        self._skipped(
+                            version, "time budget of this request used up; retrieve again"
+                        )
+                    )
+                else:
+                    entries.append(self._autolabel_inline(request, version))
+            except (PromptError, ServiceError, LabelConfigError) as error:
                 logger.warning("task %s: no prediction: %s", task_id, error)
                 self.metrics.predictions.labels("batch", "error").inc()
-                entries.append(self._skipped(str(error)))
+                entries.append(self._skipped(version, str(error)))
         return entries
 
-    def _skipped(self, reason: str) -> dict:
-        return {"model_version": self.model_version, "skipped": reason}
+    def _autolabel_inline(self, request: dict, version: str) -> dict:
+        entry = self._guard(
+            self.transport.call,
+            "autolabel",
+            request,
+            "batch",
+            self.settings.batch_time_budget_seconds,
+        )
+        if "error" in entry or "skipped" in entry:
+            reason = entry.get("error") or entry.get("skipped")
+            logger.warning("task %s: no prediction: %s", request["task"]["id"], reason)
+            self.metrics.predictions.labels("batch", "error").inc()
+            return self._skipped(version, reason)
+        self.metrics.predictions.labels("batch", "ok").inc()
+        return entry
 
-    def prewarm(self, task: dict, config: ProjectConfig) -> None:
-        """Compute the task image's embedding in the background (first click is then fast)."""
-        if not self.ready:
-            return
-
-        def work() -> None:
-            try:
-                image = self._image(task, config)  # downloaded here, encoded on the compute thread
-                embedding = self._compute.submit(
-                    self.predictor.embed, image.array, image.content_hash
-                ).result()
-                if not embedding.from_cache:
-                    self.metrics.encoder_seconds.observe(embedding.encoder_seconds)
-                    logger.info(
-                        "prewarmed task %s in %.2f s", task.get("id"), embedding.encoder_seconds
-                    )
-            except Exception as error:  # a background nicety: never fails a request
-                logger.info("prewarm of task %s failed: %s", task.get("id"), error)
-
-        self._prewarm_downloads.submit(work)
+    @staticmethod
+    def _skipped(version: str, reason: str) -> dict:
+        return {"model_version": version, "skipped": reason}

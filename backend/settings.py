@@ -8,6 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+AUTOLABEL_MODES = ("auto", "boxes", "everything", "off")
+QUEUE_NAMES = ("interactive", "batch", "train")  # in priority order
+
 
 def _flag(value: str) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
@@ -36,6 +39,23 @@ class Settings:
     download_timeout_seconds: float = 20.0
     batch_time_budget_seconds: float = 60.0  # LS cuts /predict at 100 s
     log_level: str = "INFO"
+    # Batch predictions ("Retrieve predictions"): boxes (rectangles -> masks), everything
+    # (automatic masks), auto (boxes when the task has rectangles, else everything), off.
+    autolabel_mode: str = "auto"
+    autolabel_points_per_side: int = 0  # "segment everything" grid; 0: 32x32 on GPU, 16x16 on CPU
+    # Redis/RQ (used when redis_url is set)
+    redis_key_prefix: str = "efficientsam"  # our own keys; RQ keeps its "rq:" keys
+    queues: str = "interactive,batch"  # what `python -m worker` takes, highest priority first
+    interactive_wait_seconds: float = 30.0  # the backend waits this long for a click's job
+    interactive_job_timeout: int = 60
+    batch_job_timeout: int = 900
+    train_job_timeout: int = 4 * 3600
+    batch_retries: int = 2  # a failed batch task is retried this often, then reported
+    batch_retry_delay_seconds: int = 10
+    worker_heartbeat_seconds: int = 5  # a killed worker's job is retried within ~3 of these
+    shared_cache_bytes: int = 1024**3  # embeddings in Redis, shared by all workers
+    shared_cache_ttl_seconds: int = 7 * 24 * 3600
+    shared_cache_dtype: str = "float16"  # float16 halves the bytes (measured: mask IoU 0.9998)
 
     @property
     def basic_auth_enabled(self) -> bool:
@@ -71,6 +91,24 @@ class Settings:
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
         if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):
             raise ValueError(f"LABEL_STUDIO_URL must be http(s)://..., got {self.label_studio_url}")
+        if self.autolabel_mode not in AUTOLABEL_MODES:
+            raise ValueError(
+                f"AUTOLABEL_MODE must be one of {', '.join(AUTOLABEL_MODES)}: {self.autolabel_mode}"
+            )
+        if not 0 <= self.autolabel_points_per_side <= 64:
+            raise ValueError("AUTOLABEL_POINTS_PER_SIDE must be 0 (automatic) to 64")
+        if self.shared_cache_dtype not in ("float16", "float32"):
+            raise ValueError(
+                f"SHARED_CACHE_DTYPE must be float16 or float32: {self.shared_cache_dtype}"
+            )
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"REDIS_URL must be redis://..., got {self.redis_url}")
+        if not self.queue_names or set(self.queue_names) - set(QUEUE_NAMES):
+            raise ValueError(f"queues must be some of {', '.join(QUEUE_NAMES)}: {self.queues}")
+
+    @property
+    def queue_names(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.queues.split(",") if name.strip())
 
 
 def _convert(kind: object, raw: str, variable: str) -> object:
@@ -106,4 +144,18 @@ ENV: dict[str, tuple[str, ...]] = {
     "download_timeout_seconds": ("DOWNLOAD_TIMEOUT_SECONDS",),
     "batch_time_budget_seconds": ("BATCH_TIME_BUDGET_SECONDS",),
     "log_level": ("LOG_LEVEL",),
+    "autolabel_mode": ("AUTOLABEL_MODE",),
+    "autolabel_points_per_side": ("AUTOLABEL_POINTS_PER_SIDE",),
+    "redis_key_prefix": ("REDIS_KEY_PREFIX",),
+    "queues": ("WORKER_QUEUES",),
+    "interactive_wait_seconds": ("INTERACTIVE_WAIT_SECONDS",),
+    "interactive_job_timeout": ("INTERACTIVE_JOB_TIMEOUT",),
+    "batch_job_timeout": ("BATCH_JOB_TIMEOUT",),
+    "train_job_timeout": ("TRAIN_JOB_TIMEOUT",),
+    "batch_retries": ("BATCH_RETRIES",),
+    "batch_retry_delay_seconds": ("BATCH_RETRY_DELAY_SECONDS",),
+    "worker_heartbeat_seconds": ("WORKER_HEARTBEAT_SECONDS",),
+    "shared_cache_bytes": ("SHARED_CACHE_BYTES",),
+    "shared_cache_ttl_seconds": ("SHARED_CACHE_TTL_SECONDS",),
+    "shared_cache_dtype": ("SHARED_CACHE_DTYPE",),
 }

@@ -50,7 +50,7 @@ def _client(server, **overrides) -> TestClient:
 
 @pytest.fixture(scope="module")
 def client(server):
-    with _client(server) as test_client:
+    with _client(server, autolabel_mode="boxes") as test_client:
         yield test_client
 
 
@@ -219,7 +219,11 @@ def test_metrics_count_cache_hits(client):
     interactive(client, [keypoint(50, 50)])
     interactive(client, [keypoint(51, 50)])
     text = client.get("/metrics").text
-    hits = [line for line in text.splitlines() if line.startswith("backend_embedding_cache_hits")]
+    hits = [
+        line
+        for line in text.splitlines()
+        if line.startswith('backend_embedding_cache_total{outcome="hit"}')
+    ]
     assert hits and float(hits[0].split()[-1]) >= 1
     assert 'backend_request_seconds_count{route="/predict",status="200"}' in text
     assert "backend_decoder_seconds_count" in text
@@ -264,16 +268,16 @@ def test_opening_a_task_prewarms_its_embedding(client, server):
     with Image.open(REFERENCE_DIR / "image_640x480.png") as image:
         flipped = np.asarray(image.convert("RGB"))[:, ::-1].copy()
     server.files["/data/upload/1/flipped.png"] = png_bytes(flipped)
-    service = client.app.state.service
-    before = service.cache.stats().entries
+    cache = client.app.state.service.transport.runtime.cache
+    before = cache.stats().entries
     response = client.post(
         "/predict", json=predict_request([task(21, "/data/upload/1/flipped.png")], None)
     )
     assert "result" not in response.json()["results"][0]  # nothing to predict without boxes
     deadline = time.monotonic() + 30
-    while service.cache.stats().entries == before and time.monotonic() < deadline:
+    while cache.stats().entries == before and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert service.cache.stats().entries == before + 1
-    misses = service.cache.stats().misses
+    assert cache.stats().entries == before + 1
+    misses = cache.stats().misses
     interactive(client, [keypoint(40, 40)], the_task=task(21, "/data/upload/1/flipped.png"))
-    assert service.cache.stats().misses == misses  # the click found the embedding ready
+    assert cache.stats().misses == misses  # the click found the embedding ready

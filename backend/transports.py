@@ -1,0 +1,377 @@
+"""How the backend gets model work done: in this process, or by RQ workers through Redis.
+
+Both transports run the same job functions (``worker.jobs``) with the same JSON requests; the
+routes only see :class:`Transport`.
+
+* :class:`EmbeddedTransport` (no ``REDIS_URL``): the model lives in the server process; job
+  functions run in the request thread and hand every torch call to one compute thread.
+* :class:`QueueTransport` (``REDIS_URL`` set): jobs go to the ``interactive`` / ``batch`` /
+  ``train`` queues and ``python -m worker`` processes run them. This module then never imports
+  torch (nor does anything the backend imports in that mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+JOBS_MODULE = "worker.jobs"
+
+
+class TransportError(Exception):
+    """Work that could not be done; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 503) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Transport(Protocol):
+    name: str
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def status(self) -> dict:
+        """Health details; raises TransportError when no work can be done now."""
+
+    def model_version(self, project: str | None) -> str:
+        """The version serving ``project`` (what /setup returns and predictions carry)."""
+
+    def versions(self, project: str | None) -> list[str]: ...
+
+    def call(self, function: str, request: dict, queue: str, timeout: float) -> dict:
+        """Run ``worker.jobs.<function>(request)`` and wait for its result."""
+
+    def submit(
+        self,
+        function: str,
+        request: dict,
+        queue: str,
+        job_id: str | None = None,
+        at_front: bool = False,
+        description: str | None = None,
+    ) -> str | None:
+        """Start ``worker.jobs.<function>(request)`` without waiting; the job id if queued."""
+
+    def project_params(self, project: str | None) -> dict: ...
+
+    def set_project_params(self, project: str | None, params: dict) -> None: ...
+
+
+class EmbeddedTransport:
+    """The model in this process (see module docstring)."""
+
+    name = "embedded"
+
+    def __init__(self, settings: Settings) -> None:
+        from worker.runtime import ModelRuntime, checkpoint_version
+
+        self.settings = settings
+        # PyTorch's CPU parallelism (OpenMP) keeps a team of threads per calling thread; torch
+        # called from several request threads makes several teams spin against each other for
+        # the same cores (measured: a 29 ms click became 37 ms). So every torch call runs on
+        # this one thread, which also serialises use of the model.
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-compute")
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="background")
+        from efficientsam.build import CheckpointError
+        from worker.runtime import ConfigurationError
+
+        started = time.perf_counter()
+        try:
+            self.runtime = ModelRuntime(settings, compute=self._run_on_compute_thread)
+            self.base_version = checkpoint_version(self.runtime.checkpoint)
+        except (CheckpointError, ConfigurationError, OSError) as error:
+            raise TransportError(str(error), 500) from error
+        logger.info(
+            "model version %s (%s, %.2f s)",
+            self.base_version,
+            self.runtime.checkpoint,
+            time.perf_counter() - started,
+        )
+        self._ready = threading.Event()
+        self.load_error: str | None = None
+        self._params: dict[str, dict] = {}
+
+    def _run_on_compute_thread(self, function):
+        return self._compute.submit(function).result()
+
+    def start(self) -> None:
+        def load() -> None:
+            try:
+                self.runtime.load()
+            except Exception as error:  # reported by /health and every /predict
+                self.load_error = f"{type(error).__name__}: {error}"
+                logger.exception("model failed to load")
+            finally:
+                self._ready.set()
+
+        self._compute.submit(load)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self.runtime.base is not None
+
+    def close(self) -> None:
+        self._background.shutdown(wait=False, cancel_futures=True)
+        self._compute.shutdown(wait=False, cancel_futures=True)
+        self.runtime.close()
+
+    def status(self) -> dict:
+        base = self.runtime.base
+        return {
+            "transport": self.name,
+            "model_ready": self.ready,
+            "model_error": self.load_error,
+            "device": str(base.predictor.model.device) if base else None,
+        }
+
+    def model_version(self, project: str | None) -> str:
+        return self.runtime.registry.current_version(project) or self.base_version
+
+    def versions(self, project: str | None) -> list[str]:
+        versions = [self.base_version]
+        if project is not None:
+            history = self.runtime.registry.project_state(project)["history"]
+            versions += [e["version"] for e in history if e.get("event") == "promoted"]
+        return versions
+
+    def _wait_ready(self, timeout: float) -> None:
+        if not self._ready.wait(timeout):
+            raise TransportError("the model is still loading; try again in a moment", 503)
+        if self.runtime.base is None:
+            raise TransportError(f"the model failed to load: {self.load_error}", 503)
+
+    def call(self, function: str, request: dict, queue: str, timeout: float) -> dict:
+        import worker.jobs
+
+        self._wait_ready(max(timeout, 60.0))
+        return getattr(worker.jobs, function)(request, runtime=self.runtime)
+
+    def submit(
+        self,
+        function: str,
+        request: dict,
+        queue: str,
+        job_id: str | None = None,
+        at_front: bool = False,
+        description: str | None = None,
+    ) -> str | None:
+        import worker.jobs
+
+        if not self.ready:
+            return None
+
+        def work() -> None:
+            try:
+                getattr(worker.jobs, function)(request, runtime=self.runtime)
+            except Exception:  # background work never fails a request; the log has it
+                logger.exception("background %s failed", function)
+
+        self._background.submit(work)
+        return None
+
+    def project_params(self, project: str | None) -> dict:
+        return dict(self._params.get(str(project), {}))
+
+    def set_project_params(self, project: str | None, params: dict) -> None:
+        self._params[str(project)] = dict(params)
+
+
+class QueueTransport:
+    """Jobs on RQ queues, run by ``python -m worker`` processes (see module docstring)."""
+
+    name = "redis"
+
+    def __init__(self, settings: Settings) -> None:
+        import redis
+        from rq import Queue
+
+        from worker.registry import VersionDirectory
+
+        self.settings = settings
+        self.connection = redis.Redis.from_url(
+            settings.redis_url,
+            socket_connect_timeout=2,
+            socket_timeout=max(5.0, settings.interactive_wait_seconds + 5),
+            health_check_interval=10,
+        )
+        self.queues = {
+            name: Queue(name, connection=self.connection)
+            for name in ("interactive", "batch", "train")
+        }
+        self.directory = VersionDirectory(self.connection, settings.redis_key_prefix)
+        self._params_key = f"{settings.redis_key_prefix}:project-params"
+        self._timeouts = {
+            "interactive": settings.interactive_job_timeout,
+            "batch": settings.batch_job_timeout,
+            "train": settings.train_job_timeout,
+        }
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def _unavailable(self, error: Exception) -> TransportError:
+        return TransportError(
+            f"Redis at {self.settings.redis_url.split('@')[-1]} is unavailable ({error}); "
+            "the backend recovers by itself once it is back",
+            503,
+        )
+
+    def status(self) -> dict:
+        import redis
+        from rq import Worker
+
+        try:
+            self.connection.ping()
+            workers = Worker.all(connection=self.connection)
+            lengths = {name: queue.count for name, queue in self.queues.items()}
+        except redis.RedisError as error:
+            raise self._unavailable(error) from error
+        listening = {
+            name: sum(1 for w in workers if name in w.queue_names()) for name in self.queues
+        }
+        return {
+            "transport": self.name,
+            "model_ready": listening["interactive"] > 0,
+            "workers": listening,
+            "queued": lengths,
+        }
+
+    def model_version(self, project: str | None) -> str:
+        import redis
+
+        try:
+            version = self.directory.current(project)
+        except redis.RedisError as error:
+            raise self._unavailable(error) from error
+        if version is None:
+            raise TransportError(
+                "no model version yet: no worker has started (run `python -m worker`)", 503
+            )
+        return version
+
+    def versions(self, project: str | None) -> list[str]:
+        base = self.directory.base()
+        versions = [base["version"]] if base else []
+        current = self.directory.current(project)
+        if current and current not in versions:
+            versions.append(current)
+        return versions
+
+    def call(self, function: str, request: dict, queue: str, timeout: float) -> dict:
+        import redis
+        from rq.results import Result
+
+        wait = max(1, math.ceil(timeout))
+        try:
+            job = self.queues[queue].enqueue(
+                f"{JOBS_MODULE}.{function}",
+                request,
+                job_timeout=self._timeouts[queue],
+                ttl=wait,  # not picked up in time: dropped, the caller has given up
+                result_ttl=60,
+                failure_ttl=24 * 3600,
+            )
+            result = job.latest_result(timeout=wait)
+        except redis.RedisError as error:
+            raise self._unavailable(error) from error
+        if result is None:
+            with contextlib.suppress(Exception):  # best effort: it may have started meanwhile
+                job.cancel()
+            raise TransportError(
+                f"no worker answered within {wait} s ({self.queues[queue].count} job(s) "
+                f"waiting on '{queue}'); are `python -m worker` processes running?",
+                503,
+            )
+        if result.type != Result.Type.SUCCESSFUL:
+            reason = (result.exc_string or "unknown error").strip().splitlines()[-1]
+            raise TransportError(f"the worker failed: {reason}", 500)
+        return result.return_value
+
+    def submit(
+        self,
+        function: str,
+        request: dict,
+        queue: str,
+        job_id: str | None = None,
+        at_front: bool = False,
+        description: str | None = None,
+    ) -> str | None:
+        import redis
+        from rq import Retry
+        from rq.exceptions import NoSuchJobError
+        from rq.job import Job, JobStatus
+
+        retries = self.settings.batch_retries
+        try:
+            if job_id is not None:
+                try:
+                    existing = Job.fetch(job_id, connection=self.connection)
+                    status = existing.get_status(refresh=False)
+                    if status not in (
+                        JobStatus.FINISHED,
+                        JobStatus.FAILED,
+                        JobStatus.CANCELED,
+                        JobStatus.STOPPED,
+                    ):
+                        return job_id  # already queued or running: not twice
+                    existing.delete()
+                except NoSuchJobError:
+                    pass
+            job = self.queues[queue].enqueue(
+                f"{JOBS_MODULE}.{function}",
+                request,
+                job_id=job_id,
+                at_front=at_front,
+                description=description,
+                job_timeout=self._timeouts[queue],
+                result_ttl=24 * 3600,
+                failure_ttl=7 * 24 * 3600,
+                retry=(
+                    Retry(max=retries, interval=self.settings.batch_retry_delay_seconds)
+                    if retries > 0
+                    else None
+                ),
+            )
+        except redis.RedisError as error:
+            raise self._unavailable(error) from error
+        return job.id
+
+    def project_params(self, project: str | None) -> dict:
+        import json
+
+        import redis
+
+        try:
+            raw = self.connection.hget(self._params_key, str(project))
+        except redis.RedisError as error:
+            raise self._unavailable(error) from error
+        return json.loads(raw) if raw else {}
+
+    def set_project_params(self, project: str | None, params: dict) -> None:
+        import json
+
+        import redis
+
+        try:
+            self.connection.hset(self._params_key, str(project), json.dumps(params))
+        except redis.RedisError as error:
+            raise self._unavailable(error) from error
+
+
+def create_transport(settings: Settings) -> Transport:
+    return QueueTransport(settings) if settings.redis_url else EmbeddedTransport(settings)

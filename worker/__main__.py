@@ -1,0 +1,203 @@
+"""``python -m worker``: model-holding RQ workers, the cron scheduler, and operator commands.
+
+    python -m worker [--queues interactive,batch] [--checkpoint PATH] ...   a worker process
+    python -m worker --queues train                                         a training worker
+    python -m worker cron                                                   periodic jobs
+    python -m worker status [--json]                                        queues, workers, jobs
+    python -m worker autolabel --project P [--mode auto] [--no-wait]        batch-predict a project
+    python -m worker prewarm --project P                                    embeddings of a project
+    python -m worker versions [--project P]                                 model versions
+    python -m worker rollback --project P [--to VERSION|base]               serve another version
+
+Every option can also come from the environment (backend/settings.py: REDIS_URL, CHECKPOINT,
+MODEL_DIR, LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, ...); flags win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from backend.settings import Settings
+
+COMMANDS = ("work", "cron", "status", "autolabel", "prewarm", "versions", "rollback")
+logger = logging.getLogger("worker")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
+    parser.add_argument("command", nargs="?", default="work", choices=COMMANDS)
+    parser.add_argument("--redis-url", help="env REDIS_URL (required)")
+    parser.add_argument("--queues", help="env WORKER_QUEUES, default interactive,batch")
+    parser.add_argument("--checkpoint", type=Path, help="env CHECKPOINT")
+    parser.add_argument("--model-dir", type=Path, help="env MODEL_DIR")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (env DEVICE)")
+    parser.add_argument("--precision", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--name", help="worker name (default: random)")
+    parser.add_argument("--burst", action="store_true", help="quit when the queues are empty")
+    parser.add_argument("--project", type=int, help="Label Studio project id")
+    parser.add_argument("--mode", choices=("auto", "boxes", "everything"), help="autolabel mode")
+    parser.add_argument("--no-wait", action="store_true", help="autolabel/prewarm: only enqueue")
+    parser.add_argument("--to", help="rollback: a version of the project, or 'base'")
+    parser.add_argument("--json", action="store_true", help="status: machine-readable")
+    parser.add_argument("--log-level", help="env LOG_LEVEL, default INFO")
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(
+        redis_url=args.redis_url,
+        queues=args.queues,
+        checkpoint=args.checkpoint,
+        model_dir=args.model_dir,
+        device=args.device,
+        precision=args.precision,
+        log_level=args.log_level,
+    )
+
+
+def connect(settings: Settings):
+    import redis
+
+    if not settings.redis_url:
+        raise SystemExit("worker: error: set REDIS_URL (or --redis-url)")
+    return redis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=5, health_check_interval=10
+    )
+
+
+# -- commands ------------------------------------------------------------------------------------
+def work(settings: Settings, args: argparse.Namespace) -> int:
+    """Run one model-holding worker on the configured queues (highest priority first)."""
+    from .model_worker import ModelWorker
+    from .runtime import ModelRuntime
+
+    connection = connect(settings)
+    runtime = ModelRuntime(settings, redis=connection)
+    runtime.load()  # before taking any job: the model loads once per process
+    worker = ModelWorker(
+        list(settings.queue_names),
+        runtime=runtime,
+        heartbeat_seconds=settings.worker_heartbeat_seconds,
+        connection=connection,
+        name=args.name,
+    )
+    logger.info("worker %s on queues %s", worker.name, ",".join(settings.queue_names))
+    while True:
+        # with_scheduler: RQ's scheduler (a forked helper that never touches the model) moves
+        # retries with a delay back to their queue; one per Redis, by lock.
+        worker.work(burst=args.burst, logging_level=settings.log_level.upper(), with_scheduler=True)
+        if args.burst or worker.stopping:
+            return 0
+        logger.warning("worker loop ended unexpectedly; restarting it in 5 s")
+        time.sleep(5)
+
+
+def cron(settings: Settings, args: argparse.Namespace) -> int:
+    """RQ's cron scheduler with this service's periodic jobs (see worker/schedule.py)."""
+    from rq.cron import CronScheduler
+
+    from .schedule import register_periodic_jobs
+
+    scheduler = CronScheduler(connect(settings), logging_level=settings.log_level.upper())
+    register_periodic_jobs(scheduler, settings)
+    scheduler.start()
+    return 0
+
+
+def status(settings: Settings, args: argparse.Namespace) -> int:
+    from .operations import queue_status
+
+    report = queue_status(connect(settings), settings)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    print(f"model: {report['model'] or 'no worker has published a version yet'}")
+    for name, queue in report["queues"].items():
+        print(
+            f"queue {name:<12} queued {queue['queued']:>5}  running {queue['started']:>3}  "
+            f"finished {queue['finished']:>5}  failed {queue['failed']:>4}  "
+            f"workers {queue['workers']}"
+        )
+    for worker in report["workers"]:
+        print(
+            f"worker {worker['name']}: {worker['state']} on {','.join(worker['queues'])}"
+            f"{' - ' + worker['job'] if worker['job'] else ''}"
+        )
+    for failure in report["recent_failures"]:
+        print(f"failed {failure['id']}: {failure['reason']}")
+    return 0
+
+
+def autolabel(settings: Settings, args: argparse.Namespace, function: str) -> int:
+    from .operations import enqueue_project, wait_for_jobs
+
+    if args.project is None:
+        raise SystemExit(f"worker: error: {function} needs --project")
+    connection = connect(settings)
+    job_ids = enqueue_project(connection, settings, args.project, function, args.mode)
+    print(f"{len(job_ids)} {function} job(s) queued for project {args.project}")
+    if args.no_wait or not job_ids:
+        return 0
+    failed = wait_for_jobs(connection, job_ids, f"{function} project {args.project}")
+    for job_id, reason in failed.items():
+        print(f"failed {job_id}: {reason}")
+    return 1 if failed else 0
+
+
+def versions(settings: Settings, args: argparse.Namespace) -> int:
+    from .registry import ModelRegistry
+
+    registry = ModelRegistry(settings.model_dir)
+    projects = [str(args.project)] if args.project is not None else registry.projects()
+    if not projects:
+        print("no fine-tuned versions: every project is served by the base model")
+    for project in projects:
+        state = registry.project_state(project)
+        print(f"project {project}: serving {state['current'] or 'the base model'}")
+        for event in state["history"]:
+            details = event.get("reason") or event.get("metrics") or ""
+            print(f"  {event['time']} {event['event']:<12} {event.get('version')} {details}")
+    return 0
+
+
+def rollback(settings: Settings, args: argparse.Namespace) -> int:
+    from .registry import ModelRegistry, RegistryError
+
+    if args.project is None:
+        raise SystemExit("worker: error: rollback needs --project")
+    connection = connect(settings) if settings.redis_url else None
+    registry = ModelRegistry(settings.model_dir, connection, settings.redis_key_prefix)
+    try:
+        state = registry.rollback(str(args.project), args.to)
+    except RegistryError as error:
+        raise SystemExit(f"worker: error: {error}") from error
+    print(f"project {args.project}: now serving {state['current'] or 'the base model'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = settings_from(args)
+    except ValueError as error:
+        print(f"worker: error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "work":
+        return work(settings, args)
+    if args.command in ("autolabel", "prewarm"):
+        return autolabel(settings, args, args.command)
+    return {"cron": cron, "status": status, "versions": versions, "rollback": rollback}[
+        args.command
+    ](settings, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

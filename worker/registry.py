@@ -1,0 +1,276 @@
+"""Model versions: the served base checkpoint and each project's fine-tuned versions.
+
+Durable state lives under ``MODEL_DIR`` (shared by all workers, e.g. one volume):
+
+* ``versions/<version>.safetensors``: the tensors a fine-tune changed (state-dict keys of the
+  whole model; everything else comes from the base checkpoint), with metadata: base version,
+  parent version, project, data snapshot hash, metrics, time.
+* ``projects/<project>.json``: the project's current version (``null`` = the base) and its
+  history (promotions, rejections with the reason, roll-backs).
+
+Redis carries a copy for the processes that serve and route (the backend never touches
+``MODEL_DIR`` or torch): ``<prefix>:model:base`` (JSON of the base version, written by every
+worker at start-up) and ``<prefix>:model:project:<id>`` (current version). Workers re-publish
+the disk state at start-up and whenever the ``<prefix>:model:published`` marker is gone (a Redis
+restart), so Redis is never the only copy of a model version.
+
+Version strings are deterministic and readable: ``efficientsam-ti-1a2b3c4d`` for a base (variant
++ fingerprint of the weights), ``efficientsam-ti-1a2b3c4d+p7-ft2`` for project 7's second
+promoted fine-tune. This module imports neither torch nor RQ.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+logger = logging.getLogger(__name__)
+
+_PROJECT = re.compile(r"^\d+$")
+_UNCHANGED = object()
+
+
+class RegistryError(ValueError):
+    """An unknown project or version, or a version that belongs to another project/base."""
+
+
+def project_id(value: object) -> str | None:
+    """LS's project reference -> its id as a string: ``"7.1795532368"`` (the /setup and /predict
+    form: id.created-at), ``7``, ``{"id": 7, ...}`` (webhooks). None when there is none."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    if value is None or isinstance(value, bool):
+        return None
+    text = str(value).strip().split(".", 1)[0]
+    return text if _PROJECT.match(text) else None
+
+
+def fine_tune_version(base_version: str, project: str, number: int) -> str:
+    return f"{base_version}+p{project}-ft{number}"
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One stored fine-tuned version (metadata only; the tensors stay on disk)."""
+
+    version: str
+    path: Path
+    metadata: dict[str, Any]
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, read from its JSON header (no tensors, no torch)."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        if not 0 < size < 100 * 1024**2:
+            raise RegistryError(f"{path} is not a safetensors file")
+        header = json.loads(handle.read(size))
+    return dict(header.get("__metadata__") or {})
+
+
+def _write_json_atomically(path: Path, content: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        json.dump(content, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(handle.name, path)
+
+
+class ModelRegistry:
+    """Versions on disk (durable) + their copy in Redis (for routing), see module docstring.
+
+    ``redis`` None: the embedded mode (no Redis), disk only.
+    """
+
+    def __init__(
+        self, model_dir: Path | str, redis: Redis | None = None, prefix: str = "efficientsam"
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        self.redis = redis
+        self.prefix = f"{prefix}:model"
+        self._lock = threading.Lock()
+        self._cache: dict[Path, tuple[float, dict]] = {}
+        self._base_description: dict | None = None
+
+    # -- paths ---------------------------------------------------------------------------------
+    @property
+    def versions_dir(self) -> Path:
+        return self.model_dir / "versions"
+
+    def version_path(self, version: str) -> Path:
+        if "/" in version or version.startswith("."):
+            raise RegistryError(f"bad version name {version!r}")
+        return self.versions_dir / f"{version}.safetensors"
+
+    def _project_path(self, project: str) -> Path:
+        if not _PROJECT.match(str(project)):
+            raise RegistryError(f"bad project id {project!r}")
+        return self.model_dir / "projects" / f"{project}.json"
+
+    # -- project state -------------------------------------------------------------------------
+    def project_state(self, project: str) -> dict:
+        """``{"current": version or None, "history": [...], "promoted": n}`` (cached by mtime)."""
+        path = self._project_path(project)
+        try:
+            mtime = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return {"project": str(project), "current": None, "history": [], "promoted": 0}
+        with self._lock:
+            cached = self._cache.get(path)
+            if cached and cached[0] == mtime:
+                return json.loads(json.dumps(cached[1]))
+        state = json.loads(path.read_text())
+        with self._lock:
+            self._cache[path] = (mtime, state)
+        return json.loads(json.dumps(state))
+
+    def current_version(self, project: str | None) -> str | None:
+        """The project's promoted fine-tune, or None when it is served by the base model."""
+        if project is None:
+            return None
+        return self.project_state(project)["current"]
+
+    def projects(self) -> list[str]:
+        folder = self.model_dir / "projects"
+        if not folder.is_dir():
+            return []
+        return sorted((p.stem for p in folder.glob("*.json")), key=int)
+
+    def version_info(self, version: str) -> VersionInfo:
+        path = self.version_path(version)
+        if not path.is_file():
+            raise RegistryError(f"version {version} is not in {self.versions_dir}")
+        metadata = read_safetensors_metadata(path)
+        decoded = {}
+        for key, value in metadata.items():
+            try:
+                decoded[key] = json.loads(value)
+            except (TypeError, ValueError):
+                decoded[key] = value
+        return VersionInfo(version, path, decoded)
+
+    def record(self, project: str, event: dict, current: object = _UNCHANGED) -> dict:
+        """Append ``event`` to the project's history; set ``current`` (a version or None) when
+        given; an event that changes the version records the one it replaced as ``from``.
+        Atomic file replace; Redis is updated after the disk."""
+        with self._lock:
+            path = self._project_path(project)
+            state = (
+                json.loads(path.read_text())
+                if path.exists()
+                else {"project": str(project), "current": None, "history": [], "promoted": 0}
+            )
+            event = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **event}
+            if current is not _UNCHANGED:
+                event.setdefault("from", state["current"])
+                state["current"] = current
+            state["history"].append(event)
+            if event.get("event") == "promoted":
+                state["promoted"] = int(state.get("promoted", 0)) + 1
+            _write_json_atomically(path, state)
+            self._cache.pop(path, None)
+        self._publish_project(str(project), state["current"])
+        return state
+
+    def promote(self, project: str, version: str, details: dict | None = None) -> dict:
+        info = self.version_info(version)
+        if str(info.metadata.get("project")) != str(project):
+            raise RegistryError(f"version {version} was not trained for project {project}")
+        event = {"event": "promoted", "version": version, **(details or {})}
+        return self.record(project, event, current=version)
+
+    def reject(self, project: str, version: str, reason: str, details: dict | None = None) -> dict:
+        event = {"event": "rejected", "version": version, "reason": reason, **(details or {})}
+        return self.record(project, event)
+
+    def rollback(self, project: str, to: str | None = None) -> dict:
+        """Serve ``to`` (a version of this project, or None/"base" for the base model), or, when
+        ``to`` is not given, the version that was current before the current one."""
+        state = self.project_state(project)
+        if to in (None, ""):
+            previous = [
+                e.get("from")
+                for e in state["history"]
+                if e.get("event") in ("promoted", "rolled_back")
+                and e.get("version") == state["current"]
+            ]
+            to = previous[-1] if previous else None
+        elif to == "base":
+            to = None
+        if to is not None and str(self.version_info(to).metadata.get("project")) != str(project):
+            raise RegistryError(f"version {to} was not trained for project {project}")
+        return self.record(project, {"event": "rolled_back", "version": to}, current=to)
+
+    # -- Redis copy ----------------------------------------------------------------------------
+    def publish_base(self, description: dict) -> None:
+        """Called by every worker at start-up: the base version the backend reports (and again
+        by :meth:`ensure_published` after a Redis restart)."""
+        self._base_description = description
+        if self.redis is not None:
+            self.redis.set(f"{self.prefix}:base", json.dumps(description, sort_keys=True))
+
+    def _publish_project(self, project: str, version: str | None) -> None:
+        if self.redis is None:
+            return
+        key = f"{self.prefix}:project:{project}"
+        if version is None:
+            self.redis.delete(key)
+        else:
+            self.redis.set(key, version)
+
+    def publish_all(self) -> int:
+        """Copy every project's current version to Redis; returns how many were set."""
+        if self.redis is None:
+            return 0
+        count = 0
+        for project in self.projects():
+            current = self.project_state(project)["current"]
+            self._publish_project(project, current)
+            count += current is not None
+        self.redis.set(f"{self.prefix}:published", str(time.time()))
+        return count
+
+    def ensure_published(self) -> bool:
+        """Re-publish when Redis lost the copy (restart without persistence). True if it did."""
+        if self.redis is None or self.redis.exists(f"{self.prefix}:published"):
+            return False
+        if self._base_description is not None:
+            self.publish_base(self._base_description)
+        count = self.publish_all()
+        logger.info("published the model registry to Redis (%d project versions)", count)
+        return True
+
+
+class VersionDirectory:
+    """What the backend needs in Redis mode: the base version and each project's current
+    version, read from Redis (torch-free, no MODEL_DIR)."""
+
+    def __init__(self, redis: Redis, prefix: str = "efficientsam") -> None:
+        self.redis = redis
+        self.prefix = f"{prefix}:model"
+
+    def base(self) -> dict | None:
+        raw = self.redis.get(f"{self.prefix}:base")
+        return json.loads(raw) if raw else None
+
+    def current(self, project: str | None) -> str | None:
+        """The project's version, or the base's; None when no worker has published one yet."""
+        keys = [f"{self.prefix}:base"]
+        if project is not None:
+            keys.append(f"{self.prefix}:project:{project}")
+        values = self.redis.mget(keys)
+        if len(values) > 1 and values[1]:
+            return values[1].decode() if isinstance(values[1], bytes) else values[1]
+        return json.loads(values[0])["version"] if values[0] else None
