@@ -278,10 +278,11 @@ class QueueTransport:
 
         wait = max(1, math.ceil(timeout))
         try:
-            job = self.queues[queue].enqueue(
+            job = self.queues[queue].enqueue_call(
                 f"{JOBS_MODULE}.{function}",
-                request,
-                job_timeout=self._timeouts[queue],
+                args=(request,),
+                description=function,  # not the repr of the request: cheaper on every click
+                timeout=self._timeouts[queue],
                 ttl=wait,  # not picked up in time: dropped, the caller has given up
                 result_ttl=60,
                 failure_ttl=24 * 3600,

@@ -84,6 +84,7 @@ def _prompt(spec: dict, size: tuple[int, int], image_size: tuple[int, int]):
 def segment(request: dict, runtime: ModelRuntime | None = None) -> dict:
     """One interactive prompt -> the best mask as LS result items (see module docstring)."""
     runtime = _resolve(runtime)
+    started = time.perf_counter()
     try:
         output = OutputControl(**request["output"])
         label = output.label_for(request.get("label"))
@@ -105,6 +106,7 @@ def segment(request: dict, runtime: ModelRuntime | None = None) -> dict:
             "decoder": decoder_seconds,
         },
     }
+    entry["timings"]["job"] = time.perf_counter() - started  # all of it, RLE included
     dropped_items = int(request.get("dropped_items") or 0)
     if found.dropped_points or dropped_items:
         entry["info"] = (

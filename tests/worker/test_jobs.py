@@ -56,7 +56,8 @@ def test_segment_returns_the_best_mask_at_the_browser_size(runtime):
     assert item["value"]["brushlabels"] == ["Car"] and item["type"] == "brushlabels"
     assert decode_brush(item).shape == (960, 1280)
     assert entry["model_version"] == runtime.base_version and 0 < entry["score"] < 2
-    assert set(entry["timings"]) == {"encoder", "decoder"}
+    assert set(entry["timings"]) == {"encoder", "decoder", "job"}
+    assert entry["timings"]["job"] > entry["timings"]["decoder"] > 0
     again = jobs.segment(click(320, 240, size=[1280, 960]), runtime=runtime)
     assert again["timings"]["encoder"] == 0.0  # the second click only decodes
     np.testing.assert_array_equal(decode_brush(again["result"][0]), decode_brush(item))
