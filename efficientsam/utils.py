@@ -42,6 +42,8 @@ def image_to_tensor(image: np.ndarray, device: torch.device | str = "cpu") -> to
     import torch
 
     image = validate_rgb_image(image)
+    if not image.flags.writeable:  # e.g. np.asarray(PIL image): torch wants writable memory
+        image = image.copy()
     tensor = torch.from_numpy(image).to(device)
     return tensor.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
 
