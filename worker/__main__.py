@@ -6,6 +6,7 @@
     python -m worker status [--json]                                        queues, workers, jobs
     python -m worker autolabel --project P [--mode auto] [--no-wait]        batch-predict a project
     python -m worker prewarm --project P                                    embeddings of a project
+    python -m worker finetune --project P [--no-wait]                       fine-tune, progress bar
     python -m worker versions [--project P]                                 model versions
     python -m worker rollback --project P [--to VERSION|base]               serve another version
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from backend.settings import Settings
 
-COMMANDS = ("work", "cron", "status", "autolabel", "prewarm", "versions", "rollback")
+COMMANDS = ("work", "cron", "status", "autolabel", "prewarm", "finetune", "versions", "rollback")
 logger = logging.getLogger("worker")
 
 
@@ -149,6 +150,26 @@ def autolabel(settings: Settings, args: argparse.Namespace, function: str) -> in
     return 1 if failed else 0
 
 
+def finetune(settings: Settings, args: argparse.Namespace) -> int:
+    """Queue a project's fine-tune (as "Start training" does) and follow it on a progress bar."""
+    from backend.service import submit_finetune
+    from backend.transports import QueueTransport
+
+    from .operations import follow_training
+
+    if args.project is None:
+        raise SystemExit("worker: error: finetune needs --project")
+    project = str(args.project)
+    transport = QueueTransport(settings)
+    job_id = submit_finetune(transport, project, "command line")
+    print(f"fine-tune of project {project}: job {job_id}")
+    if args.no_wait:
+        return 0
+    result = follow_training(transport.connection, job_id)
+    print(json.dumps(result, indent=2, default=str))
+    return 0 if result.get("status") in ("promoted", "rejected", "skipped") else 1
+
+
 def versions(settings: Settings, args: argparse.Namespace) -> int:
     from .registry import ModelRegistry
 
@@ -160,8 +181,10 @@ def versions(settings: Settings, args: argparse.Namespace) -> int:
         state = registry.project_state(project)
         print(f"project {project}: serving {state['current'] or 'the base model'}")
         for event in state["history"]:
-            details = event.get("reason") or event.get("metrics") or ""
-            print(f"  {event['time']} {event['event']:<12} {event.get('version')} {details}")
+            print(
+                f"  {event['time']} {event['event']:<12} {event.get('version') or 'base'}"
+                f"{': ' + event['reason'] if event.get('reason') else ''}"
+            )
     return 0
 
 
@@ -194,9 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         return work(settings, args)
     if args.command in ("autolabel", "prewarm"):
         return autolabel(settings, args, args.command)
-    return {"cron": cron, "status": status, "versions": versions, "rollback": rollback}[
-        args.command
-    ](settings, args)
+    commands = {
+        "cron": cron,
+        "status": status,
+        "finetune": finetune,
+        "versions": versions,
+        "rollback": rollback,
+    }
+    return commands[args.command](settings, args)
 
 
 if __name__ == "__main__":

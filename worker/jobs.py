@@ -231,3 +231,40 @@ def _automatic_masks(runtime, served, image, output: OutputControl, request: dic
         result += mask_results(mask.segmentation, output, label, mask.predicted_iou)
         scores.append(mask.predicted_iou)
     return result, scores
+
+
+# -- fine-tuning ----------------------------------------------------------------------------------
+def finetune(request: dict, runtime: ModelRuntime | None = None) -> dict:
+    """Fine-tune the project's model on its annotations; promote the candidate only if it beats
+    the version served now on held-out tasks by ``TRAIN_PROMOTION_MARGIN``.
+
+    ``{"project", "trigger"}`` -> a summary (``status``: promoted / rejected / skipped). Steps:
+    a full sync of the project's annotations from the LS API (LS is the source of truth), a
+    deterministic train / held-out split by task, embeddings from the frozen encoder (through
+    the shared cache), training (``efficientsam.training``), the same held-out prompts for the
+    served version and the candidate, then promotion (a new version under MODEL_DIR, announced
+    to every worker and to /setup) or rejection with the reason, both recorded in the project's
+    history. Progress goes to the RQ job's meta, the log and the backend's /metrics."""
+    runtime = _resolve(runtime)
+    from .training_run import run_finetune
+
+    return run_finetune(runtime, str(request["project"]), request.get("trigger", "manual"))
+
+
+def schedule_training(request: dict, runtime: ModelRuntime | None = None) -> dict:
+    """Periodic trigger (``python -m worker cron``): queue a fine-tune for every project with at
+    least ``TRAIN_MIN_NEW_ANNOTATIONS`` annotations saved since its last run."""
+    runtime = _resolve(runtime)
+    from backend.service import submit_finetune
+    from backend.transports import QueueTransport
+
+    threshold = runtime.settings.train_min_new_annotations
+    transport = QueueTransport(runtime.settings)
+    queued = {}
+    for project in runtime.project_state.projects():
+        count = runtime.project_state.new_annotations(project)
+        if count >= threshold:
+            queued[project] = submit_finetune(transport, project, f"{count} new annotations")
+    if queued:
+        logger.info("queued fine-tunes for projects %s", ", ".join(queued))
+    return {"queued": queued, "threshold": threshold}

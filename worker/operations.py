@@ -139,3 +139,32 @@ def wait_for_jobs(connection: Redis, job_ids: list[str], description: str) -> di
             if pending:
                 time.sleep(0.5)
     return failed
+
+
+def follow_training(connection: Redis, job_id: str, poll_seconds: float = 1.0) -> dict:
+    """Progress bar of a fine-tune job (its meta: stage, step/steps, loss) until it ends; returns
+    its result (or ``{"status": "failed", "reason": ...}``)."""
+    from rq.job import Job, JobStatus
+    from tqdm import tqdm
+
+    job = Job.fetch(job_id, connection=connection)
+    with tqdm(desc="fine-tune", unit="step") as bar:
+        while True:
+            state = job.get_status()
+            meta = job.get_meta()
+            if meta.get("steps"):
+                bar.total = int(meta["steps"])
+                bar.n = int(meta.get("step", 0))
+            bar.set_postfix(
+                stage=meta.get("stage"),
+                loss=round(float(meta.get("loss", 0.0)), 4),
+                iou=round(float(meta.get("train_iou", 0.0)), 3),
+            )
+            bar.refresh()
+            if state == JobStatus.FINISHED:
+                return job.return_value() or {}
+            if state in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
+                result = job.latest_result()
+                lines = (result.exc_string or "").strip().splitlines() if result else []
+                return {"status": "failed", "reason": lines[-1] if lines else str(state)}
+            time.sleep(poll_seconds)

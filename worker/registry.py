@@ -184,6 +184,27 @@ class ModelRegistry:
         self._publish_project(str(project), state["current"])
         return state
 
+    def store_version(self, project: str, base_version: str, tensors: dict, metadata: dict) -> str:
+        """Write a fine-tune's changed tensors as the project's next version (``...+p<id>-ft<n>``,
+        n = promotions so far + 1) and return its name. Metadata values are stored as JSON.
+        Written to a temporary file and renamed, so a crash never leaves half a version."""
+        from safetensors.torch import save_file
+
+        number = int(self.project_state(project).get("promoted", 0)) + 1
+        version = fine_tune_version(base_version, project, number)
+        while self.version_path(version).exists():  # a version promoted, then rolled back
+            number += 1
+            version = fine_tune_version(base_version, project, number)
+        path = self.version_path(version)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = {key: json.dumps(value) for key, value in metadata.items()}
+        header.update({"version": json.dumps(version), "base": json.dumps(base_version)})
+        header["project"] = json.dumps(str(project))
+        temporary = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary), header)
+        os.replace(temporary, path)
+        return version
+
     def promote(self, project: str, version: str, details: dict | None = None) -> dict:
         info = self.version_info(version)
         if str(info.metadata.get("project")) != str(project):

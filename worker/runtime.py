@@ -31,6 +31,7 @@ import numpy as np
 from backend.images import ImageLoader, LoadedImage
 from backend.settings import Settings
 
+from .projects import MemoryProjectState, RedisProjectState
 from .registry import ModelRegistry, RegistryError
 
 if TYPE_CHECKING:
@@ -127,6 +128,11 @@ class ModelRuntime:
             settings.image_cache_bytes,
         )
         self.registry = ModelRegistry(settings.model_dir, redis, settings.redis_key_prefix)
+        self.project_state = (
+            RedisProjectState(redis, settings.redis_key_prefix)
+            if redis is not None
+            else MemoryProjectState()
+        )
         self.base_version: str | None = None
         self.base: ServedModel | None = None
         self.cache = None

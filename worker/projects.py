@@ -1,0 +1,174 @@
+"""Per-project state shared by the backend and the workers: annotation events from LS webhooks,
+new-annotation counts since the last fine-tune, and the training status.
+
+Label Studio stays the source of truth: every training run starts with a full sync of the
+project's annotations through the API, so losing this state (a Redis flush, a restart of the
+embedded server) loses nothing but the count that the periodic trigger compares with its
+threshold. Events are kept per project as ``annotation id -> {task, updated_at, cancelled}``, so
+the same annotation saved twice counts once, and ``ANNOTATIONS_DELETED`` removes ids.
+
+Two stores with one interface: :class:`RedisProjectState` (keys ``<prefix>:project:<id>:...``)
+for the Redis deployment, :class:`MemoryProjectState` for the embedded one. Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+# LS actions that carry annotations (ANNOTATIONS_CREATED: lists, from bulk creation).
+ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
+DELETE_ACTION = "ANNOTATIONS_DELETED"
+
+
+def annotation_events(payload: dict) -> tuple[list[dict], list[int]]:
+    """An LS webhook body -> (annotations created/updated as events, ids deleted).
+
+    An event is ``{"id", "task", "updated_at", "cancelled"}``; skipped tasks (``was_cancelled``)
+    are recorded as cancelled (they never count as training data)."""
+    action = payload.get("action")
+    if action == DELETE_ACTION:
+        deleted = payload.get("annotations") or []
+        return [], [int(a["id"]) for a in deleted if isinstance(a, dict) and "id" in a]
+    if action not in ANNOTATION_ACTIONS:
+        return [], []
+    annotations = payload.get("annotation") or payload.get("annotations") or []
+    if isinstance(annotations, dict):
+        annotations = [annotations]
+    events = []
+    for annotation in annotations:
+        if not isinstance(annotation, dict) or "id" not in annotation:
+            continue
+        task = annotation.get("task")
+        if isinstance(task, dict):
+            task = task.get("id")
+        events.append(
+            {
+                "id": int(annotation["id"]),
+                "task": task,
+                "updated_at": annotation.get("updated_at") or annotation.get("created_at"),
+                "cancelled": bool(annotation.get("was_cancelled")),
+            }
+        )
+    return events, []
+
+
+class ProjectState(Protocol):
+    def record(self, project: str, events: list[dict], deleted: list[int]) -> int:
+        """Store events; returns the project's count of new (non-cancelled) annotations."""
+
+    def new_annotations(self, project: str) -> int: ...
+
+    def projects(self) -> list[str]: ...
+
+    def training_started(self, project: str) -> None:
+        """Annotations recorded from now on count towards the next fine-tune."""
+
+    def set_status(self, project: str, status: dict) -> None: ...
+
+    def status(self, project: str) -> dict: ...
+
+    def statuses(self) -> dict[str, dict]: ...
+
+
+class MemoryProjectState:
+    """The embedded server's store (lost on restart: LS keeps the annotations)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: dict[str, dict[int, dict]] = {}
+        self._new: dict[str, set[int]] = {}
+        self._status: dict[str, dict] = {}
+
+    def record(self, project: str, events: list[dict], deleted: list[int]) -> int:
+        with self._lock:
+            stored = self._events.setdefault(project, {})
+            new = self._new.setdefault(project, set())
+            for event in events:
+                stored[event["id"]] = event
+                (new.discard if event["cancelled"] else new.add)(event["id"])
+            for annotation_id in deleted:
+                stored.pop(annotation_id, None)
+                new.discard(annotation_id)
+            return len(new)
+
+    def new_annotations(self, project: str) -> int:
+        with self._lock:
+            return len(self._new.get(project, ()))
+
+    def projects(self) -> list[str]:
+        with self._lock:
+            return sorted(set(self._events) | set(self._status), key=int)
+
+    def training_started(self, project: str) -> None:
+        with self._lock:
+            self._new[project] = set()
+
+    def set_status(self, project: str, status: dict) -> None:
+        with self._lock:
+            self._status[project] = {**status, "updated": time.time()}
+
+    def status(self, project: str) -> dict:
+        with self._lock:
+            return dict(self._status.get(project, {}))
+
+    def statuses(self) -> dict[str, dict]:
+        with self._lock:
+            return {project: dict(status) for project, status in self._status.items()}
+
+
+class RedisProjectState:
+    """The Redis deployment's store, shared by the backend (webhooks) and the workers."""
+
+    def __init__(self, connection: Redis, prefix: str = "efficientsam") -> None:
+        self.connection = connection
+        self.prefix = f"{prefix}:project"
+
+    def _key(self, project: str, what: str) -> str:
+        return f"{self.prefix}:{project}:{what}"
+
+    def record(self, project: str, events: list[dict], deleted: list[int]) -> int:
+        events_key, new_key = self._key(project, "annotations"), self._key(project, "new")
+        with self.connection.pipeline() as pipeline:
+            pipeline.sadd(f"{self.prefix}s", project)
+            for event in events:
+                pipeline.hset(events_key, str(event["id"]), json.dumps(event))
+                if event["cancelled"]:
+                    pipeline.srem(new_key, str(event["id"]))
+                else:
+                    pipeline.sadd(new_key, str(event["id"]))
+            for annotation_id in deleted:
+                pipeline.hdel(events_key, str(annotation_id))
+                pipeline.srem(new_key, str(annotation_id))
+            pipeline.scard(new_key)
+            return int(pipeline.execute()[-1])
+
+    def new_annotations(self, project: str) -> int:
+        return int(self.connection.scard(self._key(project, "new")))
+
+    def projects(self) -> list[str]:
+        members = self.connection.smembers(f"{self.prefix}s")
+        return sorted((m.decode() if isinstance(m, bytes) else m for m in members), key=int)
+
+    def training_started(self, project: str) -> None:
+        self.connection.delete(self._key(project, "new"))
+
+    def set_status(self, project: str, status: dict) -> None:
+        with self.connection.pipeline() as pipeline:
+            pipeline.sadd(f"{self.prefix}s", project)
+            pipeline.set(
+                self._key(project, "training"), json.dumps({**status, "updated": time.time()})
+            )
+            pipeline.execute()
+
+    def status(self, project: str) -> dict:
+        raw = self.connection.get(self._key(project, "training"))
+        return json.loads(raw) if raw else {}
+
+    def statuses(self) -> dict[str, dict]:
+        return {project: self.status(project) for project in self.projects()}
