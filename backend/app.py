@@ -99,15 +99,8 @@ def create_app(settings: Settings, service: SegmentationService | None = None) -
 
     async def webhook(request: Request) -> Response:
         payload = await _json_body(request)
-        action = str(payload.get("action") or "")
-        metrics.webhooks.labels(action or "unknown").inc()
-        if action == "START_TRAINING":
-            # Answered at once; fine-tuning on the train queue arrives with the training issue.
-            return FastJSONResponse(
-                {"status": "not_started", "reason": "fine-tuning is not available in this version"},
-                status_code=200,
-            )
-        return FastJSONResponse({"status": "ok", "action": action}, status_code=200)
+        body, status = await run_in_threadpool(service.webhook, payload)
+        return FastJSONResponse(body, status_code=status)
 
     async def versions(request: Request) -> Response:
         project = request.query_params.get("project")

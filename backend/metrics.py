@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 FAST_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2, 5)
 SLOW_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
@@ -50,5 +53,45 @@ class Metrics:
             registry=self.registry,
         )
 
+    def watch_training(self, statuses: Callable[[], dict[str, dict]]) -> None:
+        """Export each project's fine-tuning status (read at scrape time from the shared state
+        the training job writes: Redis, or this process in the embedded mode)."""
+        self.registry.register(_TrainingCollector(statuses))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _TrainingCollector:
+    FIELDS = {
+        "step": "optimiser steps done in the running (or last) fine-tune",
+        "steps": "optimiser steps planned",
+        "epoch": "passes over the training masks so far (fractional)",
+        "loss": "training loss (running mean)",
+        "train_iou": "mask IoU on the training prompts (running mean)",
+        "current_miou": "held-out mIoU (mean of 1-click, box, 3-click) of the version served",
+        "candidate_miou": "held-out mIoU of the last candidate",
+    }
+
+    def __init__(self, statuses: Callable[[], dict[str, dict]]) -> None:
+        self._statuses = statuses
+
+    def collect(self):
+        try:
+            statuses = self._statuses()
+        except Exception:  # a scrape never fails because Redis is away
+            return
+        families = {
+            name: GaugeMetricFamily(f"backend_training_{name}", text, labels=["project"])
+            for name, text in self.FIELDS.items()
+        }
+        running = GaugeMetricFamily(
+            "backend_training_running", "1 while a fine-tune runs", labels=["project"]
+        )
+        for project, status in statuses.items():
+            for name, family in families.items():
+                if isinstance(status.get(name), (int, float)):
+                    family.add_metric([project], float(status[name]))
+            running.add_metric([project], 1.0 if status.get("running") else 0.0)
+        yield from families.values()
+        yield running

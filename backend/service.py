@@ -25,9 +25,11 @@ version, while entries without ``result`` are skipped and asked for again next t
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 
+from worker.projects import annotation_events
 from worker.registry import project_id
 
 from .context import PromptError, parse_context, rectangle_box
@@ -130,10 +132,29 @@ def autolabel_request(
     }
 
 
+def finetune_job_id(project: str) -> str:
+    """At most one fine-tune per project queued or running ("Start training" twice: one job)."""
+    return f"finetune-p{project}"
+
+
+def submit_finetune(transport: Transport, project: str, trigger: str) -> str | None:
+    """Queue the project's fine-tune on ``train`` (or find it already queued or running);
+    returns the job id. ``trigger`` says why (recorded in the run's history)."""
+    return transport.submit(
+        "finetune",
+        {"project": project, "trigger": trigger},
+        "train",
+        finetune_job_id(project),
+        False,
+        f"fine-tune project {project}",
+    )
+
+
 def autolabel_job_id(project: str | None, task_id: object, version: str) -> str:
     """One batch job per (project, task, version): a second "Retrieve predictions" or CLI run
-    finds it queued or running and does not add another."""
-    return f"autolabel-p{project}-t{task_id}-{version}"
+    finds it queued or running and does not add another. (RQ ids allow letters, digits, _ and
+    -: the ``+`` of fine-tuned versions becomes ``_``.)"""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"autolabel-p{project}-t{task_id}-{version}")
 
 
 class SegmentationService:
@@ -148,6 +169,7 @@ class SegmentationService:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.transport = transport or create_transport(settings)
+        self.metrics.watch_training(lambda: self.transport.project_state.statuses())
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -187,6 +209,24 @@ class SegmentationService:
 
     def versions(self, project: str | None = None) -> dict:
         return {"versions": self._guard(self.transport.versions, project)}
+
+    # -- /webhook ------------------------------------------------------------------------------
+    def webhook(self, payload: dict) -> tuple[dict, int]:
+        """LS's "Start training" and annotation events; answers at once (LS waits 1 s for
+        events), never trains in the request. Returns (body, HTTP status)."""
+        action = str(payload.get("action") or "")
+        project = project_id(payload.get("project"))
+        self.metrics.webhooks.labels(action or "unknown").inc()
+        if action == "START_TRAINING":
+            if project is None:
+                raise ServiceError("START_TRAINING without a project id", 400)
+            job = self._guard(submit_finetune, self.transport, project, "start_training")
+            return {"job": job, "status": "queued", "project": project}, 201
+        events, deleted = annotation_events(payload)
+        if project is None or not (events or deleted):
+            return {"status": "ignored", "action": action}, 200
+        count = self._guard(self.transport.project_state.record, project, events, deleted)
+        return {"status": "recorded", "action": action, "new_annotations": count}, 200
 
     # -- /predict ----------------------------------------------------------------------------
     def predict(self, request: dict) -> dict:

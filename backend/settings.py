@@ -56,6 +56,15 @@ class Settings:
     shared_cache_bytes: int = 1024**3  # embeddings in Redis, shared by all workers
     shared_cache_ttl_seconds: int = 7 * 24 * 3600
     shared_cache_dtype: str = "float16"  # float16 halves the bytes (measured: mask IoU 0.9998)
+    # Fine-tuning (a project's annotations -> a new version of the model for that project)
+    train_from: str = "base"  # start from the released weights, or "current": the project's version
+    train_steps: int = 0  # optimiser steps; 0: the library's default
+    train_lora_rank: int = 0  # > 0: LoRA on the image encoder's qkv/proj too (peft)
+    train_held_out_fraction: float = 0.2  # tasks held out for the promotion decision
+    train_min_tasks: int = 3  # annotated tasks needed before a fine-tune runs
+    train_promotion_margin: float = 0.01  # held-out mIoU gain needed to promote a candidate
+    train_min_new_annotations: int = 20  # the periodic trigger: new annotations since last run
+    train_check_seconds: int = 300  # how often `python -m worker cron` looks at the projects
 
     @property
     def basic_auth_enabled(self) -> bool:
@@ -101,6 +110,10 @@ class Settings:
             raise ValueError(
                 f"SHARED_CACHE_DTYPE must be float16 or float32: {self.shared_cache_dtype}"
             )
+        if self.train_from not in ("current", "base"):
+            raise ValueError(f"TRAIN_FROM must be current or base: {self.train_from}")
+        if not 0 < self.train_held_out_fraction < 1:
+            raise ValueError("TRAIN_HELD_OUT_FRACTION must be between 0 and 1")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"REDIS_URL must be redis://..., got {self.redis_url}")
         if not self.queue_names or set(self.queue_names) - set(QUEUE_NAMES):
@@ -158,4 +171,12 @@ ENV: dict[str, tuple[str, ...]] = {
     "shared_cache_bytes": ("SHARED_CACHE_BYTES",),
     "shared_cache_ttl_seconds": ("SHARED_CACHE_TTL_SECONDS",),
     "shared_cache_dtype": ("SHARED_CACHE_DTYPE",),
+    "train_from": ("TRAIN_FROM",),
+    "train_steps": ("TRAIN_STEPS",),
+    "train_lora_rank": ("TRAIN_LORA_RANK",),
+    "train_held_out_fraction": ("TRAIN_HELD_OUT_FRACTION",),
+    "train_min_tasks": ("TRAIN_MIN_TASKS",),
+    "train_promotion_margin": ("TRAIN_PROMOTION_MARGIN",),
+    "train_min_new_annotations": ("TRAIN_MIN_NEW_ANNOTATIONS",),
+    "train_check_seconds": ("TRAIN_CHECK_SECONDS",),
 }

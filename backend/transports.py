@@ -20,6 +20,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
+from worker.projects import RedisProjectState
+
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ class TransportError(Exception):
 
 class Transport(Protocol):
     name: str
+    project_state: object  # worker.projects.ProjectState: annotation events, training status
 
     def start(self) -> None: ...
 
@@ -102,6 +105,11 @@ class EmbeddedTransport:
         self._ready = threading.Event()
         self.load_error: str | None = None
         self._params: dict[str, dict] = {}
+        # Fine-tunes run on their own thread: minutes of training must not hold the compute
+        # thread (clicks stay available, slower while a fine-tune runs).
+        self._training = ThreadPoolExecutor(max_workers=1, thread_name_prefix="training")
+        self._pending: dict[str, object] = {}
+        self.project_state = self.runtime.project_state  # in memory: no Redis here
 
     def _run_on_compute_thread(self, function):
         return self._compute.submit(function).result()
@@ -123,6 +131,7 @@ class EmbeddedTransport:
         return self._ready.is_set() and self.runtime.base is not None
 
     def close(self) -> None:
+        self._training.shutdown(wait=False, cancel_futures=True)
         self._background.shutdown(wait=False, cancel_futures=True)
         self._compute.shutdown(wait=False, cancel_futures=True)
         self.runtime.close()
@@ -169,8 +178,12 @@ class EmbeddedTransport:
     ) -> str | None:
         import worker.jobs
 
-        if not self.ready:
+        if not self.ready and queue != "train":  # a prewarm before the model is up: pointless
             return None
+        job_id = job_id or f"{function}-{time.time_ns()}"
+        pending = self._pending.get(job_id)
+        if pending is not None and not pending.done():
+            return job_id  # already queued or running: not twice
 
         def work() -> None:
             try:
@@ -178,8 +191,10 @@ class EmbeddedTransport:
             except Exception:  # background work never fails a request; the log has it
                 logger.exception("background %s failed", function)
 
-        self._background.submit(work)
-        return None
+        executor = self._training if queue == "train" else self._background
+        self._pending = {k: v for k, v in self._pending.items() if not v.done()}
+        self._pending[job_id] = executor.submit(work)
+        return job_id
 
     def project_params(self, project: str | None) -> dict:
         return dict(self._params.get(str(project), {}))
@@ -211,6 +226,7 @@ class QueueTransport:
             for name in ("interactive", "batch", "train")
         }
         self.directory = VersionDirectory(self.connection, settings.redis_key_prefix)
+        self.project_state = RedisProjectState(self.connection, settings.redis_key_prefix)
         self._params_key = f"{settings.redis_key_prefix}:project-params"
         self._timeouts = {
             "interactive": settings.interactive_job_timeout,

@@ -230,18 +230,29 @@ def test_metrics_count_cache_hits(client):
 
 
 def test_webhook_answers_at_once(client):
+    started = time.monotonic()
     response = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
-    assert response.status_code == 200 and response.json()["status"] == "not_started"
-    response = client.post(
-        "/webhook",
-        json={
-            "action": "ANNOTATION_CREATED",
-            "project": {"id": 1},
-            "annotation": {"id": 1},
-            "task": {"id": 1},
-        },
-    )
-    assert response.status_code == 200
+    assert response.status_code == 201 and response.json()["job"] == "finetune-p1"
+    assert time.monotonic() - started < 1.0  # LS waits; the fine-tune runs in the background
+    again = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
+    assert again.json()["job"] == "finetune-p1"  # one fine-tune per project, never two
+    for annotation_id in (1, 2, 2):
+        response = client.post(
+            "/webhook",
+            json={
+                "action": "ANNOTATION_CREATED",
+                "project": {"id": 1},
+                "annotation": {"id": annotation_id, "task": 1, "was_cancelled": False},
+                "task": {"id": 1},
+            },
+        )
+        assert response.status_code == 200
+    assert response.json()["new_annotations"] == 2
+    ignored = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 1}})
+    assert ignored.status_code == 200 and ignored.json()["status"] == "ignored"
+    assert client.post("/webhook", json={"action": "START_TRAINING"}).status_code == 400
+    metrics = client.get("/metrics").text
+    assert 'backend_webhook_events_total{action="ANNOTATION_CREATED"} 3.0' in metrics
 
 
 def test_basic_auth_on_every_route(server):
