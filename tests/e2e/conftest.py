@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -138,6 +140,30 @@ class Processes:
                 os.killpg(process.pid, 9)
                 process.wait()
             print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
+
+
+@contextmanager
+def redis_deployment(
+    label_studio: httpx.Client, log_dir: Path, redis_url: str, env: dict, worker_queues: list[str]
+) -> Iterator[dict]:
+    """The Redis deployment as processes: a backend and one worker per entry of
+    ``worker_queues`` ("interactive,batch", "train"), on an own Redis db index flushed before and
+    after. Yields ``{"url", "processes", "redis"}`` once the backend's model is ready."""
+    import redis
+
+    connection = redis.Redis.from_url(redis_url)
+    connection.flushdb()
+    processes = Processes(label_studio, log_dir, {"REDIS_URL": redis_url, **env})
+    url = processes.backend()
+    for queues in worker_queues:
+        processes.start("worker", "--queues", queues)
+    try:
+        wait_for(f"{url}/health", 120, lambda r: r.status_code == 200 and r.json()["model_ready"])
+        yield {"url": url, "processes": processes, "redis": connection}
+    finally:
+        processes.stop()
+        connection.flushdb()
+        connection.close()
 
 
 def png(image: Image.Image) -> bytes:

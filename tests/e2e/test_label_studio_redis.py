@@ -9,15 +9,14 @@ from __future__ import annotations
 import time
 
 import pytest
-import redis
 
 from tests.backend.conftest import decode_brush
 from tests.e2e.conftest import (
-    Processes,
     annotate_box,
     ask,
     keypoint,
     make_project,
+    redis_deployment,
     retrieve_predictions,
     stored_predictions,
     wait_for,
@@ -30,22 +29,10 @@ REDIS_URL = "redis://127.0.0.1:6379/11"  # own db index, flushed before and afte
 
 @pytest.fixture(scope="module")
 def deployment(label_studio, tmp_path_factory):
-    connection = redis.Redis.from_url(REDIS_URL)
-    connection.flushdb()
-    processes = Processes(
-        label_studio,
-        tmp_path_factory.mktemp("redis-deployment"),
-        {"REDIS_URL": REDIS_URL, "AUTOLABEL_POINTS_PER_SIDE": "4", "TORCH_THREADS": "2"},
-    )
-    url = processes.backend()
-    processes.start("worker", "--queues", "interactive,batch")
-    try:
-        wait_for(f"{url}/health", 120, lambda r: r.status_code == 200 and r.json()["model_ready"])
-        yield {"url": url, "processes": processes}
-    finally:
-        processes.stop()
-        connection.flushdb()
-        connection.close()
+    env = {"AUTOLABEL_POINTS_PER_SIDE": "4", "TORCH_THREADS": "2"}
+    log_dir = tmp_path_factory.mktemp("redis-deployment")
+    with redis_deployment(label_studio, log_dir, REDIS_URL, env, ["interactive,batch"]) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
