@@ -22,12 +22,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # torch in a layer of its own: the largest download and the least often changed. No torchvision.
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
-# The project's other dependencies, also cached across code changes: install pyproject.toml with
-# empty packages, then drop that stub (torch is already there and satisfies the pin).
+# The project's other dependencies (with the `lora` extra, for TRAIN_LORA_RANK > 0), also cached
+# across code changes: install pyproject.toml with empty packages, then drop that stub (torch is
+# already there and satisfies the pin).
 COPY pyproject.toml README.md /src/
 RUN mkdir -p /src/efficientsam /src/backend /src/worker \
     && touch /src/efficientsam/__init__.py /src/backend/__init__.py /src/worker/__init__.py \
-    && pip install /src \
+    && pip install "/src[lora]" \
     && pip uninstall -y efficientsam-ls-backend \
     && rm -rf /src/efficientsam /src/backend /src/worker /src/build /src/*.egg-info
 
