@@ -4,8 +4,9 @@ new-annotation counts since the last fine-tune, and the training status.
 Label Studio stays the source of truth: every training run starts with a full sync of the
 project's annotations through the API, so losing this state (a Redis flush, a restart of the
 embedded server) loses nothing but the count that the periodic trigger compares with its
-threshold. Events are kept per project as ``annotation id -> {task, updated_at, cancelled}``, so
-the same annotation saved twice counts once, and ``ANNOTATIONS_DELETED`` removes ids.
+threshold. What is kept per project is the set of annotation ids created or updated since the
+last fine-tune started, so the same annotation saved twice counts once, a skipped task
+(``was_cancelled``) never counts, and ``ANNOTATIONS_DELETED`` removes ids.
 
 Two stores with one interface: :class:`RedisProjectState` (keys ``<prefix>:project:<id>:...``)
 for the Redis deployment, :class:`MemoryProjectState` for the embedded one. Torch-free.
@@ -81,19 +82,15 @@ class MemoryProjectState:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._events: dict[str, dict[int, dict]] = {}
         self._new: dict[str, set[int]] = {}
         self._status: dict[str, dict] = {}
 
     def record(self, project: str, events: list[dict], deleted: list[int]) -> int:
         with self._lock:
-            stored = self._events.setdefault(project, {})
             new = self._new.setdefault(project, set())
             for event in events:
-                stored[event["id"]] = event
                 (new.discard if event["cancelled"] else new.add)(event["id"])
             for annotation_id in deleted:
-                stored.pop(annotation_id, None)
                 new.discard(annotation_id)
             return len(new)
 
@@ -103,7 +100,7 @@ class MemoryProjectState:
 
     def projects(self) -> list[str]:
         with self._lock:
-            return sorted(set(self._events) | set(self._status), key=int)
+            return sorted(set(self._new) | set(self._status), key=int)
 
     def training_started(self, project: str) -> None:
         with self._lock:
@@ -133,17 +130,15 @@ class RedisProjectState:
         return f"{self.prefix}:{project}:{what}"
 
     def record(self, project: str, events: list[dict], deleted: list[int]) -> int:
-        events_key, new_key = self._key(project, "annotations"), self._key(project, "new")
+        new_key = self._key(project, "new")
         with self.connection.pipeline() as pipeline:
             pipeline.sadd(f"{self.prefix}s", project)
             for event in events:
-                pipeline.hset(events_key, str(event["id"]), json.dumps(event))
                 if event["cancelled"]:
                     pipeline.srem(new_key, str(event["id"]))
                 else:
                     pipeline.sadd(new_key, str(event["id"]))
             for annotation_id in deleted:
-                pipeline.hdel(events_key, str(annotation_id))
                 pipeline.srem(new_key, str(annotation_id))
             pipeline.scard(new_key)
             return int(pipeline.execute()[-1])
