@@ -24,7 +24,7 @@ from .build import tensors_fingerprint
 from .cache import EmbeddingCache, EmbeddingKey, InMemoryEmbeddingCache
 from .modeling import EfficientSam
 from .modeling.two_way_transformer import PreparedImage
-from .prompts import Prompt, fit_prompt
+from .prompts import Prompt, fit_prompt, prompt_token_arrays
 from .utils import (
     bicubic_resize_matrix,
     image_content_hash,
@@ -219,14 +219,7 @@ class Predictor:
             return []
         height, width = embedding.original_size
         fitted = [fit_prompt(prompt) for prompt in prompts]
-        num_tokens = max(len(f.labels) for f in fitted)
-        points = np.full((1, len(fitted), num_tokens, 2), -1.0, np.float32)
-        labels = np.full((1, len(fitted), num_tokens), -1, np.int64)
-        for index, prompt in enumerate(fitted):
-            count = len(prompt.labels)
-            points[0, index, :count, 0] = np.clip(prompt.points[:, 0], 0, width)
-            points[0, index, :count, 1] = np.clip(prompt.points[:, 1], 0, height)
-            labels[0, index, :count] = prompt.labels
+        points, labels = prompt_token_arrays(fitted, [(height, width)] * len(fitted))
         started = time.perf_counter()
         device = self.model.device
         prepared = self.prepared_image(embedding)
@@ -234,8 +227,8 @@ class Predictor:
             with self._autocast():
                 low_res, iou = self.model.predict_masks(
                     prepared,
-                    torch.from_numpy(points).to(device),
-                    torch.from_numpy(labels).to(device),
+                    torch.from_numpy(points[None]).to(device),  # (1, Q, T, 2)
+                    torch.from_numpy(labels[None]).to(device),
                     multimask_output,
                     height,
                     width,

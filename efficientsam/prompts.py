@@ -112,3 +112,21 @@ def fit_prompt(prompt: Prompt, max_tokens: int = MAX_PROMPT_TOKENS) -> FittedPro
         dropped_points=num_clicks - len(kept),
         kept_point_indices=kept,
     )
+
+
+def prompt_token_arrays(
+    prompts: Sequence[FittedPrompt], sizes: Sequence[tuple[int, int]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fitted prompts on images of the given (H, W) pixel sizes -> the model's token arrays:
+    points (Q, T, 2) float32 (x, y) pixels clamped to each prompt's image, labels (Q, T) int64;
+    T is the longest prompt, the rest padded with (-1, -1) / ``LABEL_PADDING``. (Clamping
+    matters: the model turns negative coordinates into padding tokens.)"""
+    num_tokens = max(len(prompt.labels) for prompt in prompts)
+    points = np.full((len(prompts), num_tokens, 2), -1.0, np.float32)
+    labels = np.full((len(prompts), num_tokens), LABEL_PADDING, np.int64)
+    for index, (prompt, (height, width)) in enumerate(zip(prompts, sizes, strict=True)):
+        count = len(prompt.labels)
+        points[index, :count, 0] = np.clip(prompt.points[:, 0], 0, width)
+        points[index, :count, 1] = np.clip(prompt.points[:, 1], 0, height)
+        labels[index, :count] = prompt.labels
+    return points, labels

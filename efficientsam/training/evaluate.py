@@ -3,8 +3,8 @@
 Per mask: one click at its most interior pixel (best of 3 candidates by predicted IoU), its
 tight box (single mask), and three clicks: the first click, then two corrective clicks at the
 most interior pixel of the largest error region of the model's own previous mask (positive in
-missed object, negative in spill; single mask). Logits are upscaled bicubically from 256x256 to
-the image size and thresholded at 0, as the predictor does.
+missed object, negative in spill; single mask). Masks come from ``Predictor.decode``, the
+served path (best candidate, bicubic upscale to the image size, threshold at 0).
 """
 
 from __future__ import annotations
@@ -12,45 +12,29 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..cache import EmbeddingKey
 from ..modeling import EfficientSam
+from ..predictor import ImageEmbedding, Predictor
 from ..prompts import Prompt
 from ..utils import image_to_tensor, mask_iou
 from .data import TrainingImage
-from .prompts import add_click, corrective_click, interior_point, prompt_tokens, tight_box
+from .prompts import add_click, corrective_click, interior_point, tight_box
 
 CORRECTIVE_CLICKS = 2
 
 
-def _decode(
-    model: EfficientSam,
-    embedding: torch.Tensor,
-    prompts: list[Prompt],
-    size: tuple[int, int],
-    multimask: bool,
+def _served_masks(
+    predictor: Predictor, embedding: ImageEmbedding, prompts: list[Prompt], multimask: bool
 ) -> np.ndarray:
-    """Served masks (Q, H, W) bool for Q prompts on one image (embedding (1, 256, 64, 64))."""
-    height, width = size
-    points, labels = prompt_tokens(prompts, [size] * len(prompts))
-    device = model.device
-    logits, iou = model.predict_masks(
-        embedding.to(device),
-        torch.from_numpy(points).to(device).transpose(0, 1),  # (1, Q, T, 2)
-        torch.from_numpy(labels).to(device).transpose(0, 1),
-        multimask,
-        1024,
-        1024,
-    )
-    logits, iou = logits[0], iou[0]  # (Q, K, 256, 256), (Q, K)
-    best = logits[torch.arange(len(prompts)), iou.argmax(dim=1)]  # (Q, 256, 256)
-    upscaled = torch.nn.functional.interpolate(
-        best[:, None], size=(height, width), mode="bicubic", align_corners=False
-    )[:, 0]
-    return (upscaled >= model.mask_threshold).cpu().numpy()
+    """Masks (Q, H, W) bool for Q prompts on one image, exactly as the predictor serves them
+    (best candidate by predicted IoU, bicubic upscale to the image size, threshold)."""
+    predictions = predictor.decode(embedding, prompts, multimask, return_best_only=True)
+    return np.stack([prediction.best_mask for prediction in predictions])
 
 
 def _image_embedding(model: EfficientSam, image: TrainingImage, encode: bool) -> torch.Tensor:
     if not encode:
-        return image.embedding.float()
+        return image.embedding.to(model.device, torch.float32)
     if image.image is None:
         raise ValueError(f"{image.image_id}: encode_images needs TrainingImage.image")
     return model.get_image_embeddings(image_to_tensor(image.image, model.device))
@@ -72,7 +56,7 @@ def evaluate(
     {"image_id", "mask_index", "one_click_iou", "box_iou", "three_click_iou"}]}.
     """
     was_training = model.training
-    model.eval()
+    predictor = Predictor(model, prepared_images=1)  # puts the model in eval mode
     records: list[dict] = []
     try:
         with torch.inference_mode():
@@ -80,8 +64,14 @@ def evaluate(
                 indices = [i for i, mask in enumerate(image.masks) if mask.any()]
                 if not indices:
                     continue
-                embedding = _image_embedding(model, image, encode_images)
-                size = image.size
+                embedding = ImageEmbedding(
+                    _image_embedding(model, image, encode_images),
+                    image.size,
+                    # names the image for the predictor's per-image decoder cache (one entry)
+                    EmbeddingKey("held-out", f"image-{image_index}", image.image_id),
+                    from_cache=False,
+                    encoder_seconds=0.0,
+                )
                 masks = [image.masks[i] for i in indices]
                 rngs = [np.random.default_rng([seed, image_index, i]) for i in indices]
                 clicks = [
@@ -89,8 +79,8 @@ def evaluate(
                     for mask, rng in zip(masks, rngs, strict=True)
                 ]
                 boxes = [Prompt.create(box=tight_box(mask)) for mask in masks]
-                one_click = _decode(model, embedding, clicks, size, multimask=True)
-                box = _decode(model, embedding, boxes, size, multimask=False)
+                one_click = _served_masks(predictor, embedding, clicks, multimask=True)
+                box = _served_masks(predictor, embedding, boxes, multimask=False)
                 current, prompts = list(one_click), list(clicks)
                 for _ in range(CORRECTIVE_CLICKS):
                     active = []
@@ -101,8 +91,8 @@ def evaluate(
                             active.append(row)
                     if not active:
                         break
-                    decoded = _decode(
-                        model, embedding, [prompts[r] for r in active], size, multimask=False
+                    decoded = _served_masks(
+                        predictor, embedding, [prompts[r] for r in active], multimask=False
                     )
                     for row, predicted in zip(active, decoded, strict=True):
                         current[row] = predicted

@@ -10,7 +10,15 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from ..prompts import LABEL_NEGATIVE, LABEL_POSITIVE, MAX_PROMPT_TOKENS, Prompt, fit_prompt
+from ..prompts import (
+    LABEL_NEGATIVE,
+    LABEL_PADDING,
+    LABEL_POSITIVE,
+    MAX_PROMPT_TOKENS,
+    Prompt,
+    fit_prompt,
+    prompt_token_arrays,
+)
 from ..utils import mask_to_box
 
 
@@ -184,14 +192,9 @@ def prompt_tokens(
     """Prompts of images of the given (H, W) sizes -> the model's tokens in the ``frame`` x
     ``frame`` input frame: points (B, 1, T, 2) float32, labels (B, 1, T) int64, T the longest
     prompt, padded with (-1, -1) / -1. Order and 6-token policy as served (``fit_prompt``);
-    points are clamped to the image first, as the predictor does."""
-    fitted = [fit_prompt(prompt) for prompt in prompts]
-    num_tokens = max(len(f.labels) for f in fitted)
-    points = np.full((len(prompts), 1, num_tokens, 2), -1.0, np.float32)
-    labels = np.full((len(prompts), 1, num_tokens), -1, np.int64)
-    for index, (prompt, (height, width)) in enumerate(zip(fitted, sizes, strict=True)):
-        count = len(prompt.labels)
-        points[index, 0, :count, 0] = np.clip(prompt.points[:, 0], 0, width) * frame / width
-        points[index, 0, :count, 1] = np.clip(prompt.points[:, 1], 0, height) * frame / height
-        labels[index, 0, :count] = prompt.labels
-    return points, labels
+    points are clamped to the image first, as the predictor does (``prompt_token_arrays``)."""
+    points, labels = prompt_token_arrays([fit_prompt(prompt) for prompt in prompts], sizes)
+    image_sizes = np.array([(width, height) for height, width in sizes], np.float32)  # (B, 2)
+    scaled = points * frame / image_sizes[:, None, :]
+    points = np.where(labels[..., None] == LABEL_PADDING, points, scaled)
+    return points[:, None], labels[:, None]
