@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from dataclasses import asdict
@@ -41,6 +40,7 @@ SHARED = Path(os.environ.get("EFFICIENTSAM_SHARED_DIR", ROOT.parent / "shared"))
 CHECKPOINT = SHARED / "fixtures" / "efficientsam_ti_random.pt"
 
 from efficientsam import load_model  # noqa: E402
+from efficientsam.benchmark import peak_rss_bytes  # noqa: E402
 from efficientsam.training import (  # noqa: E402
     FineTuner,
     TrainingConfig,
@@ -127,8 +127,7 @@ def all_objects_baseline(images: list[TrainingImage]) -> float:
 
 
 def peak_memory_mib(device: torch.device) -> dict:
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    memory = {"peak_rss_mib": round(rss_kib / 1024, 1)}
+    memory = {"peak_rss_mib": round(peak_rss_bytes() / 2**20, 1)}
     if device.type == "cuda":
         memory["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return memory

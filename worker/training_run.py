@@ -135,20 +135,19 @@ def run_finetune(runtime: ModelRuntime, project: str, trigger: str) -> dict:
 
     progress("evaluate")
     held_out = [images[i] for i in held_out_ids]
-    same_encoder = current.predictor.encoder_fingerprint == start.predictor.encoder_fingerprint
-    encoder_trained = any(key.startswith("image_encoder.") for key in changed)
-    current_metrics = _summary(
-        evaluate(current.predictor.model, held_out, encode_images=not same_encoder)
+
+    def served_metrics(served) -> dict:
+        """Held-out means of a served version; its own encoder runs on the pixels when it is
+        not the one whose embeddings were stored."""
+        same_encoder = served.predictor.encoder_fingerprint == start.predictor.encoder_fingerprint
+        return _summary(evaluate(served.predictor.model, held_out, encode_images=not same_encoder))
+
+    current_metrics = served_metrics(current)
+    # after earlier promotions: the released weights too, on the same prompts
+    base_metrics = (
+        current_metrics if current.version == runtime.base.version else served_metrics(runtime.base)
     )
-    if current.version == runtime.base.version:
-        base_metrics = current_metrics
-    else:  # after earlier promotions: the released weights too, on the same prompts
-        base_same_encoder = (
-            runtime.base.predictor.encoder_fingerprint == start.predictor.encoder_fingerprint
-        )
-        base_metrics = _summary(
-            evaluate(runtime.base.predictor.model, held_out, encode_images=not base_same_encoder)
-        )
+    encoder_trained = any(key.startswith("image_encoder.") for key in changed)
     candidate_metrics = _summary(evaluate(tuner.model, held_out, encode_images=encoder_trained))
     current_score, candidate_score = (
         held_out_score(current_metrics),
@@ -179,7 +178,7 @@ def run_finetune(runtime: ModelRuntime, project: str, trigger: str) -> dict:
                 "parent": current.version,
                 "data_snapshot": snapshot,
                 "metrics": details["metrics"],
-                "config": _config_dict(training_config),
+                "config": report.config,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "trained": sorted({key.split(".", 1)[0] for key in changed}),
             },
@@ -204,10 +203,3 @@ def run_finetune(runtime: ModelRuntime, project: str, trigger: str) -> dict:
 def _summary(metrics: dict) -> dict:
     """The means and the count (not the per-mask records) for the history and the metadata."""
     return {key: value for key, value in metrics.items() if key != "masks"}
-
-
-def _config_dict(config) -> dict:
-    from dataclasses import asdict
-
-    values = asdict(config)
-    return {k: v for k, v in values.items() if isinstance(v, (int, float, str, bool, type(None)))}
