@@ -27,6 +27,7 @@ from efficientsam.prompts import Prompt
 
 MAX_STROKE_POINTS = 4
 MIN_BOX_SIDE = 8  # pixels
+MAX_IMAGE_PIXELS = 64_000_000  # Settings.max_image_pixels' default
 PERCENT_TOLERANCE = 1.0  # coordinates within [-1, 101] % are clamped, beyond is an error
 
 
@@ -155,8 +156,23 @@ def stroke_prompt(mask: np.ndarray) -> tuple[tuple[float, float, float, float] |
     return box, points
 
 
-def parse_context(result: Sequence[dict]) -> InteractivePrompt | None:
-    """``context.result`` -> one prompt, or None when there are no prompt items."""
+def check_image_size(width: object, height: object, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """Raise PromptError unless (width, height) are positive integer pixels, at most
+    ``max_pixels`` in all (masks are answered at this size: never allocate an absurd one)."""
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (width, height)):
+        raise PromptError("prompt items need positive integer original_width/original_height")
+    if width * height > max_pixels:
+        raise PromptError(
+            f"original_width x original_height = {width} x {height} is more than "
+            f"{max_pixels} pixels (MAX_IMAGE_PIXELS)"
+        )
+
+
+def parse_context(
+    result: Sequence[dict], max_pixels: int = MAX_IMAGE_PIXELS
+) -> InteractivePrompt | None:
+    """``context.result`` -> one prompt, or None when there are no prompt items. The image size
+    the items give is at most ``max_pixels``."""
     if not isinstance(result, (list, tuple)):
         raise PromptError("context.result must be a list")
     items = [item for item in result if isinstance(item, dict)]
@@ -171,8 +187,7 @@ def parse_context(result: Sequence[dict]) -> InteractivePrompt | None:
     if len(sizes) != 1:
         raise PromptError("prompt items disagree on original_width/original_height")
     width, height = sizes.pop()
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (width, height)):
-        raise PromptError("prompt items need positive integer original_width/original_height")
+    check_image_size(width, height, max_pixels)
 
     points: list[tuple[float, float]] = []
     labels: list[int] = []

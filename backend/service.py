@@ -29,16 +29,26 @@ import re
 import time
 from dataclasses import dataclass
 
+import redis
+
 from worker.projects import annotation_events
 from worker.registry import project_id
 
-from .context import PromptError, parse_context, rectangle_box
+from .context import (
+    MAX_IMAGE_PIXELS,
+    PromptError,
+    check_image_size,
+    parse_context,
+    rectangle_box,
+)
 from .label_config import LabelConfigError, ProjectConfig, parse_label_config
 from .metrics import Metrics
 from .settings import AUTOLABEL_MODES, Settings
 from .transports import Transport, TransportError, create_transport
 
 logger = logging.getLogger(__name__)
+
+LS_PREDICT_TIMEOUT_SECONDS = 100  # LS 1.23's ML_TIMEOUT_PREDICT: it drops the answer after it
 
 
 class ServiceError(Exception):
@@ -59,8 +69,11 @@ class BoxItem:
         return {"box": list(self.box), "size": list(self.size), "label": self.label}
 
 
-def task_rectangles(task: dict, image_name: str) -> list[BoxItem]:
-    """Rectangles of a task's latest annotation that has some, else of its latest prediction."""
+def task_rectangles(
+    task: dict, image_name: str, max_pixels: int = MAX_IMAGE_PIXELS
+) -> list[BoxItem]:
+    """Rectangles of a task's latest annotation that has some, else of its latest prediction.
+    Raises PromptError when a rectangle's image size is over ``max_pixels``."""
     for source in ("annotations", "predictions"):
         entries = [e for e in task.get(source) or [] if isinstance(e, dict)]
         entries = [e for e in entries if not e.get("was_cancelled")]
@@ -80,6 +93,7 @@ def task_rectangles(task: dict, image_name: str) -> list[BoxItem]:
                     isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0
                 ):
                     continue
+                check_image_size(width, height, max_pixels)
                 value = item.get("value") or {}
                 labels = value.get("rectanglelabels") or value.get("labels") or [None]
                 boxes.append(
@@ -101,7 +115,10 @@ def output_request(config: ProjectConfig) -> dict:
 
 
 def image_url(task: dict, config: ProjectConfig) -> str:
-    url = (task.get("data") or {}).get(config.image_data_key)
+    data = task.get("data")
+    if not isinstance(data, dict):
+        raise ServiceError(f"task {task.get('id')}: 'data' must be an object", 422)
+    url = data.get(config.image_data_key)
     if not isinstance(url, str) or not url.strip():
         raise ServiceError(f"task {task.get('id')} has no data.{config.image_data_key}", 422)
     return url
@@ -115,14 +132,16 @@ def autolabel_request(
     points_per_side: int,
     version: str,
     write_back: bool,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> dict:
     """The ``worker.jobs.autolabel`` request for one LS task (see worker/jobs.py)."""
+    boxes = task_rectangles(task, config.image_name, max_pixels)
     return {
         "project": project,
         "task": {
             "id": task.get("id"),
             "image": image_url(task, config),
-            "boxes": [b.as_request() for b in task_rectangles(task, config.image_name)],
+            "boxes": [b.as_request() for b in boxes],
         },
         "mode": mode,
         "points_per_side": points_per_side,
@@ -179,10 +198,17 @@ class SegmentationService:
         self.transport.close()
 
     def _guard(self, function, *args):
+        """Call the transport (or the project state behind it): its failures become a
+        ServiceError with their HTTP status (Redis unavailable: 503), never a 500."""
         try:
             return function(*args)
         except TransportError as error:
             raise ServiceError(str(error), error.status) from error
+        except redis.RedisError as error:
+            raise ServiceError(
+                f"Redis is unavailable ({error}); the backend recovers by itself once it is back",
+                503,
+            ) from error
 
     # -- /health, /setup, /versions ------------------------------------------------------------
     def health(self) -> tuple[dict, int]:
@@ -190,6 +216,8 @@ class SegmentationService:
         body = {"status": "UP", "model_class": "EfficientSam"}
         try:
             body.update(self.transport.status())
+            if not body.get("model_ready"):  # a click would wait and fail: say so
+                return {**body, "status": "DOWN"}, 503
             body["model_version"] = self.transport.model_version(None)
         except TransportError as error:
             return {**body, "status": "DOWN", "reason": str(error)}, error.status
@@ -261,7 +289,7 @@ class SegmentationService:
         if not isinstance(context, dict):
             raise ServiceError("params.context must be an object", 400)
         try:
-            prompt = parse_context(context.get("result") or [])
+            prompt = parse_context(context.get("result") or [], self.settings.max_image_pixels)
         except PromptError as error:
             self.metrics.predictions.labels("interactive", "bad_prompt").inc()
             raise ServiceError(str(error), 422) from error
@@ -311,7 +339,12 @@ class SegmentationService:
         version = self._guard(self.transport.model_version, project)
         mode, points_per_side = self.autolabel_mode(project)
         queued = self.transport.name != "embedded"
-        deadline = time.monotonic() + self.settings.batch_time_budget_seconds
+        started = time.monotonic()
+        deadline = started + self.settings.batch_time_budget_seconds  # no new task after it
+        # ... and a task running past this stops (at a checkpoint of the model): LS gives up
+        # on the whole request at LS_PREDICT_TIMEOUT_SECONDS.
+        budget = self.settings.batch_time_budget_seconds
+        hard_deadline = started + max(budget, min(1.5 * budget, LS_PREDICT_TIMEOUT_SECONDS - 10))
         single = len(tasks) == 1
         entries = []
         for task in tasks:
@@ -321,15 +354,29 @@ class SegmentationService:
                     entries.append(self._skipped(version, "batch predictions are off (mode off)"))
                     continue
                 request = autolabel_request(
-                    project, task, config, mode, points_per_side, version, queued
+                    project,
+                    task,
+                    config,
+                    mode,
+                    points_per_side,
+                    version,
+                    queued,
+                    self.settings.max_image_pixels,
                 )
                 boxes = request["task"]["boxes"]
                 prewarm = {"project": project, "task": task_id, "image": request["task"]["image"]}
                 automatic = not boxes and mode in ("auto", "everything")
                 if not boxes and not automatic:
                     if single:
-                        self.transport.submit("prewarm", prewarm, "batch", at_front=True)
+                        self._guard(self.transport.submit, "prewarm", prewarm, "batch", None, True)
                     entries.append(self._skipped(version, "no rectangles to turn into masks"))
+                elif single and automatic:
+                    # The editor opened a task: only its embedding, at the front of the queue,
+                    # never a whole "segment everything" ahead of the clicks that follow.
+                    self._guard(self.transport.submit, "prewarm", prewarm, "batch", None, True)
+                    entries.append(
+                        self._skipped(version, "automatic masks are not computed for one task")
+                    )
                 elif queued:
                     job = self._guard(
                         self.transport.submit,
@@ -347,11 +394,6 @@ class SegmentationService:
                             "Label Studio",
                         )
                     )
-                elif single and automatic:
-                    self.transport.submit("prewarm", prewarm, "batch")
-                    entries.append(
-                        self._skipped(version, "automatic masks are not computed for one task")
-                    )
                 elif time.monotonic() > deadline:
                     entries.append(
                         self._skipped(
@@ -359,21 +401,22 @@ class SegmentationService:
                         )
                     )
                 else:
-                    entries.append(self._autolabel_inline(request, version))
+                    remaining = hard_deadline - time.monotonic()
+                    entries.append(self._autolabel_inline(request, version, remaining))
             except (PromptError, ServiceError, LabelConfigError) as error:
                 logger.warning("task %s: no prediction: %s", task_id, error)
                 self.metrics.predictions.labels("batch", "error").inc()
                 entries.append(self._skipped(version, str(error)))
         return entries
 
-    def _autolabel_inline(self, request: dict, version: str) -> dict:
-        entry = self._guard(
-            self.transport.call,
-            "autolabel",
-            request,
-            "batch",
-            self.settings.batch_time_budget_seconds,
-        )
+    def _autolabel_inline(self, request: dict, version: str, seconds: float) -> dict:
+        """One task predicted in this request, stopped after ``seconds`` (no result then)."""
+        from worker.compute import DeadlineExceeded
+
+        try:
+            entry = self._guard(self.transport.call, "autolabel", request, "batch", seconds)
+        except DeadlineExceeded:
+            entry = {"skipped": "time budget of this request used up; retrieve again"}
         if "error" in entry or "skipped" in entry:
             reason = entry.get("error") or entry.get("skipped")
             logger.warning("task %s: no prediction: %s", request["task"]["id"], reason)

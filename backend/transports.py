@@ -78,21 +78,20 @@ class EmbeddedTransport:
     name = "embedded"
 
     def __init__(self, settings: Settings) -> None:
+        from worker.compute import ComputeThread
         from worker.runtime import ModelRuntime, checkpoint_version
 
         self.settings = settings
-        # PyTorch's CPU parallelism (OpenMP) keeps a team of threads per calling thread; torch
-        # called from several request threads makes several teams spin against each other for
-        # the same cores (measured: a 29 ms click became 37 ms). So every torch call runs on
-        # this one thread, which also serialises use of the model.
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-compute")
+        # Every torch call runs on this one thread (one OpenMP team, see worker/compute.py),
+        # clicks first: batch work lets waiting clicks run at its checkpoints.
+        self._compute = ComputeThread()
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="background")
         from efficientsam.build import CheckpointError
         from worker.runtime import ConfigurationError
 
         started = time.perf_counter()
         try:
-            self.runtime = ModelRuntime(settings, compute=self._run_on_compute_thread)
+            self.runtime = ModelRuntime(settings, compute=self._compute.run)
             self.base_version = checkpoint_version(self.runtime.checkpoint)
         except (CheckpointError, ConfigurationError, OSError) as error:
             raise TransportError(str(error), 500) from error
@@ -111,20 +110,22 @@ class EmbeddedTransport:
         self._pending: dict[str, object] = {}
         self.project_state = self.runtime.project_state  # in memory: no Redis here
 
-    def _run_on_compute_thread(self, function):
-        return self._compute.submit(function).result()
-
     def start(self) -> None:
+        from worker.compute import URGENT
+
         def load() -> None:
             try:
-                self.runtime.load()
+                base = self.runtime.load()
+                model = base.predictor.model
+                # checkpoints: before every encoder block and decoder call (worker/compute.py)
+                self._compute.attach([*model.image_encoder.blocks, model.mask_decoder])
             except Exception as error:  # reported by /health and every /predict
                 self.load_error = f"{type(error).__name__}: {error}"
                 logger.exception("model failed to load")
             finally:
                 self._ready.set()
 
-        self._compute.submit(load)
+        self._compute.submit(load, URGENT)
 
     @property
     def ready(self) -> bool:
@@ -133,17 +134,22 @@ class EmbeddedTransport:
     def close(self) -> None:
         self._training.shutdown(wait=False, cancel_futures=True)
         self._background.shutdown(wait=False, cancel_futures=True)
-        self._compute.shutdown(wait=False, cancel_futures=True)
+        self._compute.close()
         self.runtime.close()
 
     def status(self) -> dict:
         base = self.runtime.base
-        return {
+        body = {
             "transport": self.name,
             "model_ready": self.ready,
             "model_error": self.load_error,
             "device": str(base.predictor.model.device) if base else None,
         }
+        if self.load_error:
+            body["reason"] = f"the model failed to load: {self.load_error}"
+        elif not self.ready:
+            body["reason"] = "the model is still loading"
+        return body
 
     def model_version(self, project: str | None) -> str:
         return self.runtime.registry.current_version(project) or self.base_version
@@ -162,10 +168,20 @@ class EmbeddedTransport:
             raise TransportError(f"the model failed to load: {self.load_error}", 503)
 
     def call(self, function: str, request: dict, queue: str, timeout: float) -> dict:
+        """Run the job function here; its model work goes first (``interactive``) or stops at
+        a checkpoint once ``timeout`` seconds have passed (other queues: DeadlineExceeded)."""
         import worker.jobs
+        from worker.compute import BACKGROUND, URGENT, work_class
 
         self._wait_ready(max(timeout, 60.0))
-        return getattr(worker.jobs, function)(request, runtime=self.runtime)
+        if queue == "interactive":
+            token = work_class.set((URGENT, None))
+        else:
+            token = work_class.set((BACKGROUND, time.monotonic() + timeout))
+        try:
+            return getattr(worker.jobs, function)(request, runtime=self.runtime)
+        finally:
+            work_class.reset(token)
 
     def submit(
         self,
@@ -260,12 +276,18 @@ class QueueTransport:
         listening = {
             name: sum(1 for w in workers if name in w.queue_names()) for name in self.queues
         }
-        return {
+        body = {
             "transport": self.name,
             "model_ready": listening["interactive"] > 0,
             "workers": listening,
             "queued": lengths,
         }
+        if not body["model_ready"]:
+            body["reason"] = (
+                "no worker serves the 'interactive' queue: start `python -m worker` "
+                "(clicks would wait and fail)"
+            )
+        return body
 
     def model_version(self, project: str | None) -> str:
         import redis

@@ -90,7 +90,9 @@ def enqueue_project(
         predictions = task.get("predictions") or []
         if any(p.get("model_version") == version for p in predictions if isinstance(p, dict)):
             continue  # LS's own rule: a task with a prediction of this version is done
-        request = autolabel_request(project_key, task, config, mode, points, version, True)
+        request = autolabel_request(
+            project_key, task, config, mode, points, version, True, settings.max_image_pixels
+        )
         if not request["task"]["boxes"] and mode == "boxes":
             continue
         job_ids.append(

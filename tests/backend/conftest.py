@@ -235,3 +235,14 @@ def decode_brush(item: dict) -> np.ndarray:
     rgba = np.asarray(decode_rle(item["value"]["rle"]), np.uint8).reshape(height, width, 4)
     assert set(np.unique(rgba[:, :, 3]).tolist()) <= {0, 255}
     return rgba[:, :, 3] == 255
+
+
+def wait_until_ready(client, seconds: float = 120.0, headers: dict | None = None):
+    """Poll ``/health`` until it answers 200 (the embedded model loads in the background after
+    start-up; /health is 503 until a click would be served). Returns the last response."""
+    deadline = time.monotonic() + seconds
+    while True:
+        response = client.get("/health", headers=headers)
+        if response.status_code == 200 or time.monotonic() > deadline:
+            return response
+        time.sleep(0.1)

@@ -22,6 +22,7 @@ from tests.backend.conftest import (
     png_bytes,
     predict_request,
     rectangle,
+    wait_until_ready,
 )
 from tests.conftest import REFERENCE_DIR, TI_CHECKPOINT
 
@@ -51,6 +52,7 @@ def _client(server, **overrides) -> TestClient:
 @pytest.fixture(scope="module")
 def client(server):
     with _client(server, autolabel_mode="boxes") as test_client:
+        wait_until_ready(test_client)
         yield test_client
 
 
@@ -215,6 +217,21 @@ def test_bad_inputs_are_clear_4xx(client, server):
     assert client.get("/health").status_code == 200  # still serving
 
 
+def test_absurd_sizes_and_task_shapes_are_4xx(client):
+    huge = interactive(client, [keypoint(5, 5, width=10**9, height=480)])
+    assert huge.status_code == 422 and "MAX_IMAGE_PIXELS" in huge.json()["error"]
+    not_object = {"id": 9, "data": ["/data/upload/1/a.png"]}
+    click = interactive(client, [keypoint(5, 5)], the_task=not_object)
+    assert click.status_code == 422 and "'data' must be an object" in click.json()["error"]
+    box = {"id": 3, "result": [rectangle(10, 10, 30, 30, width=10**9)], "was_cancelled": False}
+    tasks = [not_object, task(2, annotations=[box]), task(3)]
+    entries = client.post("/predict", json=predict_request(tasks, None)).json()["results"]
+    assert "must be an object" in entries[0]["skipped"]
+    assert "MAX_IMAGE_PIXELS" in entries[1]["skipped"]
+    assert "no rectangles" in entries[2]["skipped"]  # the others are still answered
+    assert client.get("/health").status_code == 200
+
+
 def test_metrics_count_cache_hits(client):
     interactive(client, [keypoint(50, 50)])
     interactive(client, [keypoint(51, 50)])
@@ -257,6 +274,8 @@ def test_webhook_answers_at_once(client):
 
 def test_basic_auth_on_every_route(server):
     with _client(server, basic_auth_user="ml", basic_auth_pass="s3cret") as client:
+        good = "Basic " + base64.b64encode(b"ml:s3cret").decode()
+        wait_until_ready(client, headers={"Authorization": good})
         for method, path in (
             ("get", "/health"),
             ("post", "/setup"),
@@ -266,7 +285,6 @@ def test_basic_auth_on_every_route(server):
             ("get", "/versions"),
         ):
             assert getattr(client, method)(path).status_code == 401, path
-        good = "Basic " + base64.b64encode(b"ml:s3cret").decode()
         bad = "Basic " + base64.b64encode(b"ml:wrong").decode()
         assert client.get("/health", headers={"Authorization": good}).status_code == 200
         assert client.get("/health", headers={"Authorization": bad}).status_code == 401

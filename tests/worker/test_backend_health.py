@@ -1,0 +1,27 @@
+"""The Redis deployment's /health: the base version published but no worker on 'interactive'
+means a click would wait and fail, so 503 with the reason (a load balancer or LS must know)."""
+
+from __future__ import annotations
+
+from starlette.testclient import TestClient
+
+from backend.app import create_app
+from backend.settings import Settings
+from worker.registry import ModelRegistry
+
+
+def test_no_interactive_worker_is_503_even_with_a_published_version(
+    redis_connection, redis_url, tmp_path
+):
+    ModelRegistry(tmp_path, redis_connection).publish_base({"version": "efficientsam-ti-00000000"})
+    settings = Settings.from_env({}, redis_url=redis_url)
+    with TestClient(create_app(settings)) as client:
+        response = client.get("/health")
+        body = response.json()
+        assert response.status_code == 503, body
+        assert body["status"] == "DOWN" and body["workers"]["interactive"] == 0
+        assert "no worker serves the 'interactive' queue" in body["reason"]
+        # /setup still answers with the published version: LS may connect before workers start
+        setup = client.post("/setup", json={"project": "1.2"})
+        assert setup.status_code == 200
+        assert setup.json()["model_version"] == "efficientsam-ti-00000000"
