@@ -1,7 +1,7 @@
 """The RQ worker class that holds the model: jobs run in this process, never in a fork.
 
 ``ModelWorker`` is RQ's ``SimpleWorker`` (the job runs in the worker's main thread, so the model
-is loaded once per process and CUDA is never forked) with three additions:
+is loaded once per process and CUDA is never forked) with four additions:
 
 * the process's :class:`~worker.runtime.ModelRuntime` is installed for every job
   (``worker.jobs.use_runtime``), so job functions stay plain importable functions;
