@@ -74,11 +74,12 @@ def connect(settings: Settings):
 # -- commands ------------------------------------------------------------------------------------
 def work(settings: Settings, args: argparse.Namespace) -> int:
     """Run one model-holding worker on the configured queues (highest priority first)."""
-    from .model_worker import ModelWorker
+    from .model_worker import REDIS_DOWN, ModelWorker, until_redis_answers
     from .runtime import ModelRuntime
 
     connection = connect(settings)
     runtime = ModelRuntime(settings, redis=connection)
+    until_redis_answers(connection.ping, "start-up")  # Redis away: wait for it, do not exit
     runtime.load()  # before taking any job: the model loads once per process
     worker = ModelWorker(
         list(settings.queue_names),
@@ -91,11 +92,17 @@ def work(settings: Settings, args: argparse.Namespace) -> int:
     while True:
         # with_scheduler: RQ's scheduler (a forked helper that never touches the model) moves
         # retries with a delay back to their queue; one per Redis, by lock.
-        worker.work(burst=args.burst, logging_level=settings.log_level.upper(), with_scheduler=True)
+        try:
+            worker.work(
+                burst=args.burst, logging_level=settings.log_level.upper(), with_scheduler=True
+            )
+        except REDIS_DOWN as error:  # Redis away where even ModelWorker does not expect it
+            logger.warning("worker loop: Redis unreachable: %s", error)
         if args.burst or worker.stopping:
             return 0
         logger.warning("worker loop ended unexpectedly; restarting it in 5 s")
         time.sleep(5)
+        until_redis_answers(worker.register_death, "worker restart")  # its name is free again
 
 
 def cron(settings: Settings, args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """The RQ worker class that holds the model: jobs run in this process, never in a fork.
 
 ``ModelWorker`` is RQ's ``SimpleWorker`` (the job runs in the worker's main thread, so the model
-is loaded once per process and CUDA is never forked) with three additions:
+is loaded once per process and CUDA is never forked) with four additions:
 
 * the process's :class:`~worker.runtime.ModelRuntime` is installed for every job
   (``worker.jobs.use_runtime``), so job functions stay plain importable functions;
@@ -11,25 +11,91 @@ is loaded once per process and CUDA is never forked) with three additions:
   hands the job to RQ's retry (or the failed registry when no retries are left). RQ's own
   SimpleWorker would only notice after the job's whole timeout;
 * registry clean-up runs every ``maintenance_seconds`` and the idle blocking pop is short, so
-  that clean-up and a re-publish of the model registry after a Redis restart happen promptly.
+  that clean-up and a re-publish of the model registry after a Redis restart happen promptly;
+* it rides out a Redis outage instead of quitting (RQ's loop quits on a Redis error anywhere but
+  in its blocking pop): every Redis step of the loop and of a job's bookkeeping (start, result,
+  failure, state, heartbeats) waits for Redis with a backoff (0.5 s doubling to 5 s) and goes
+  on; a job that finished during the outage gets its result recorded once Redis is back (its
+  prediction is already written: it is not run again). After a Redis restart, abandoned jobs
+  are looked for only once the restarted Redis has been up for a job heartbeat TTL, so that
+  the executions of live workers, which look expired after the downtime, are beaten again
+  first and not handed to a second worker. RQ's scheduler (retries with a delay) rides out
+  outages the same way and stops when its worker is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import redis
 from rq import SimpleWorker
 from rq.job import Job
 from rq.queue import Queue
+from rq.scheduler import RQScheduler
 from rq.utils import now
 from rq.worker.base import WorkerStatus
+from rq.worker_registration import REDIS_WORKER_KEYS
 
 from .jobs import use_runtime
 from .runtime import ModelRuntime
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)  # Redis unreachable, not a bad command
+
+
+class Backoff:
+    """Waits between attempts to reach Redis: 0.5 s, doubling, at most ``most`` seconds."""
+
+    def __init__(self, most: float = 5.0, first: float = 0.5) -> None:
+        self.most, self.first = most, first
+        self.failures = 0
+        self.since = 0.0  # time.monotonic() of the first failure of this outage
+
+    def failed(self) -> float:
+        """Count a failure; the seconds to wait before the next attempt."""
+        if not self.failures:
+            self.since = time.monotonic()
+        self.failures += 1
+        return min(self.first * 2 ** (self.failures - 1), self.most)
+
+    def succeeded(self) -> float | None:
+        """Count a success; the outage's length in seconds if it ended one, else None."""
+        if not self.failures:
+            return None
+        self.failures = 0
+        return time.monotonic() - self.since
+
+
+def until_redis_answers(
+    call: Callable[[], T], what: str, stop: Callable[[], bool] = lambda: False
+) -> T:
+    """``call()``, tried again with :class:`Backoff` waits while Redis cannot be reached; the
+    outage is logged once and its end once. Re-raises the Redis error when ``stop()`` says to
+    give up (a stop was requested)."""
+    backoff = Backoff()
+    while True:
+        try:
+            result = call()
+        except REDIS_DOWN as error:
+            if stop():
+                raise
+            wait = backoff.failed()
+            if backoff.failures == 1:
+                logger.warning("%s: Redis unreachable (%s); trying again, backing off", what, error)
+            time.sleep(wait)
+            continue
+        outage = backoff.succeeded()
+        if outage is not None:
+            logger.info("%s: Redis is back (after %.1f s)", what, outage)
+        return result
 
 
 class ModelWorker(SimpleWorker):
@@ -53,6 +119,7 @@ class ModelWorker(SimpleWorker):
         super().__init__(queues, **kwargs)
         self.runtime = runtime
         self.stopping = False  # a SIGTERM/SIGINT asked this worker to stop
+        self._restart_seen = None  # run_id of the last Redis restart logged
         self._heartbeat = _JobHeartbeat(self)
 
     def request_stop(self, signum, frame) -> None:
@@ -74,24 +141,45 @@ class ModelWorker(SimpleWorker):
         if pipeline is not None:
             super().heartbeat(timeout, pipeline)
             return
-        with self.connection.pipeline(transaction=False) as batched:
-            super().heartbeat(timeout, batched)
-            batched.execute()
+
+        def beat() -> None:
+            with self.connection.pipeline(transaction=False) as batched:
+                SimpleWorker.heartbeat(self, timeout, batched)
+                batched.execute()
+
+        self._until_redis_answers("heartbeat", beat)
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         job.ended_at = now()
 
     def run_maintenance_tasks(self) -> None:
-        super().run_maintenance_tasks()
         try:
+            super().run_maintenance_tasks()  # (re)starts the scheduler, cleans the registries
             self.runtime.registry.ensure_published()
-            if not self.connection.exists(self.key):  # Redis restarted: be listed again
+            registered = self.connection.hexists(self.key, "birth") and (
+                self.connection.sismember(REDIS_WORKER_KEYS, self.key)
+            )
+            if not registered:  # Redis restarted without its data: be listed again
+                self.connection.delete(self.key)  # a heartbeat's leftover
                 self.register_birth()
-        except (redis.RedisError, ValueError) as error:
+                self.set_state(self.get_state())
+        except (redis.RedisError, ValueError) as error:  # tried again at the next round
             logger.warning("maintenance: %s", error)
 
+    def clean_registries(self) -> None:
+        # Right after a Redis restart every execution that ran through the downtime looks
+        # expired; its worker beats it again within a heartbeat. Until then it is not abandoned.
+        grace = self.get_heartbeat_ttl(None)
+        server = self.connection.info("server")
+        if server["uptime_in_seconds"] < grace:
+            if self._restart_seen != server["run_id"]:
+                self._restart_seen = server["run_id"]
+                logger.info("Redis restarted: abandoned jobs are looked for after %d s", grace)
+            return
+        super().clean_registries()
+
     def execute_job(self, job: Job, queue: Queue) -> None:
-        execution = self.prepare_execution(job)
+        execution = self._until_redis_answers(f"job {job.id}", lambda: self.prepare_execution(job))
         self._heartbeat.watch(job, execution)
         try:
             with use_runtime(self.runtime):
@@ -99,6 +187,114 @@ class ModelWorker(SimpleWorker):
         finally:
             self._heartbeat.watch(None, None)
         self.set_state(WorkerStatus.IDLE)
+
+    # -- riding out a Redis outage (see module docstring) ----------------------------------------
+    def _until_redis_answers(self, what: str, call: Callable[[], T]) -> T:
+        return until_redis_answers(
+            call, f"worker {self.name}: {what}", lambda: self._stop_requested
+        )
+
+    def set_state(self, state: str, pipeline=None) -> None:
+        if pipeline is not None:
+            super().set_state(state, pipeline)
+            return
+        self._until_redis_answers("state", lambda: SimpleWorker.set_state(self, state))
+
+    def check_for_suspension(self, burst: bool) -> None:
+        self._until_redis_answers(
+            "suspension check", lambda: SimpleWorker.check_for_suspension(self, burst)
+        )
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        self._until_redis_answers(
+            f"job {job.id} start",
+            lambda: SimpleWorker.prepare_job_execution(self, job, remove_from_intermediate_queue),
+        )
+
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry, execution) -> None:
+        # The job ran (its prediction is written): record that, not a failure, once Redis is back.
+        self._until_redis_answers(
+            f"job {job.id} result",
+            lambda: SimpleWorker.handle_job_success(
+                self, job, queue, started_job_registry, execution
+            ),
+        )
+
+    def handle_job_failure(self, job: Job, queue: Queue, *args, **kwargs) -> None:
+        # RQ logs and drops a failure it cannot record; wait for Redis first (retries depend on it).
+        self._until_redis_answers(f"job {job.id} failure", self.connection.ping)
+        super().handle_job_failure(job, queue, *args, **kwargs)
+
+    def set_shutdown_requested_date(self) -> None:
+        with contextlib.suppress(*REDIS_DOWN):  # a signal handler: never raise for Redis
+            super().set_shutdown_requested_date()
+
+    def teardown(self) -> None:
+        try:
+            super().teardown()
+        except REDIS_DOWN as error:
+            logger.warning("worker %s: could not record its stop in Redis: %s", self.name, error)
+            with contextlib.suppress(Exception):
+                self.unsubscribe()
+
+    def _start_scheduler(self, burst=False, logging_level=None, date_format=None, log_format=None):
+        # RQ's own, with a scheduler that rides out Redis outages (it would exit on the first).
+        formats = {"date_format": date_format, "log_format": log_format}
+        self.scheduler = ModelScheduler(
+            self.queues,
+            connection=self.connection,
+            logging_level=logging_level if logging_level is not None else self.log.level,
+            serializer=self.serializer,
+            **{name: value for name, value in formats.items() if value is not None},
+        )
+        self.scheduler.acquire_locks(auto_start=not burst)
+        if burst and self.scheduler.acquired_locks:
+            try:
+                self.scheduler.register_birth()
+                self.scheduler.enqueue_scheduled_jobs()
+            finally:
+                self.scheduler.release_locks()
+                self.scheduler.register_death()
+
+
+class ModelScheduler(RQScheduler):
+    """RQ's scheduler process (moves jobs whose retry delay is over back to their queue) that
+    rides out Redis outages, and stops, releasing its lock, when its worker is gone (a SIGKILLed
+    worker's scheduler would hold the lock, so no other worker's could take over)."""
+
+    def work(self) -> None:
+        self._install_signal_handlers()
+        worker_pid = os.getppid()
+
+        def stop() -> bool:
+            return self._stop_requested or os.getppid() != worker_pid
+
+        def tick() -> None:
+            if self.pid == 0:
+                self.register_birth()
+            if self.should_reacquire_locks:
+                self.acquire_locks()
+            self.heartbeat()
+            self.enqueue_scheduled_jobs()
+
+        while not stop():
+            with contextlib.suppress(*REDIS_DOWN):  # raised only once stop() says so
+                until_redis_answers(tick, "scheduler", stop)
+            time.sleep(self.interval)
+        orphaned = os.getppid() != worker_pid
+        if orphaned:
+            self.log.info("Scheduler: its worker is gone, stopping")
+        self.log.info("Scheduler stopping, releasing locks for %s", ", ".join(self.acquired_locks))
+        # An orphan hands its lock over even if Redis is away now (until the lock would expire).
+        deadline = time.monotonic() + (self.interval + 60 if orphaned else 0)
+        with contextlib.suppress(*REDIS_DOWN):
+            until_redis_answers(
+                self._release, "scheduler stop", lambda: time.monotonic() > deadline
+            )
+
+    def _release(self) -> None:
+        self.release_locks()
+        self.register_death()
 
 
 class _JobHeartbeat:
@@ -119,15 +315,24 @@ class _JobHeartbeat:
 
     def _run(self) -> None:
         interval = self.worker.heartbeat_seconds
+        backoff = Backoff(most=interval)  # Redis away: beat again as soon as it is back
+        wait = interval
         while True:
             with self._changed:
                 while self._current is None:
                     self._changed.wait()
                 job, execution = self._current
-                self._changed.wait(interval)  # woken early when the job ends
+                self._changed.wait(wait)  # woken early when the job ends
                 if self._current is None or self._current[0] is not job:
                     continue
             try:
                 self.worker.maintain_heartbeats(job, execution)
             except redis.RedisError as error:  # the job goes on; RQ retries it if it expires
-                logger.warning("job %s: heartbeat failed: %s", job.id, error)
+                wait = backoff.failed()
+                if backoff.failures == 1:
+                    logger.warning("job %s: heartbeat failed: %s; trying again", job.id, error)
+                continue
+            wait = interval
+            outage = backoff.succeeded()
+            if outage is not None:
+                logger.info("job %s: heartbeat sent again (after %.1f s)", job.id, outage)

@@ -4,22 +4,28 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import redis
 
-from tests.backend.conftest import FileServer
+from tests.backend.conftest import LEGACY_TOKEN, FileServer
 from tests.conftest import REFERENCE_DIR, REPO_ROOT, TI_CHECKPOINT
 
 # Our own db index on the machine's Redis; RQ's own test suite does the same.
 REDIS_URL = os.environ.get("EFFICIENTSAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 IMAGE = "/data/upload/1/image.png"
+JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +35,60 @@ def server():
     files.files[IMAGE] = (REFERENCE_DIR / "image_640x480.png").read_bytes()
     yield files
     files.close()
+
+
+class LabelStudioStub(FileServer):
+    """FileServer + LS's predictions API as ``label-studio-sdk`` calls it (``GET
+    /api/predictions/?task=N``, ``POST /api/predictions/``, legacy token): every prediction
+    written is kept in ``predictions``. A write is recorded when it arrives and answered
+    ``write_seconds`` later, so a job stays in flight in it; ``writing`` is set on each one."""
+
+    def __init__(self, write_seconds: float = 0.0) -> None:
+        super().__init__()
+        self.predictions: list[dict] = []
+        self.write_seconds = write_seconds
+        self.writing = threading.Event()
+        stub, lock = self, threading.Lock()
+
+        class Handler(self.httpd.RequestHandlerClass):
+            def _api(self) -> bool:
+                """True for the predictions API, answered here (401 without the token)."""
+                if urlsplit(self.path).path != "/api/predictions/":
+                    return False
+                if self.headers.get("Authorization") != f"Token {LEGACY_TOKEN}":
+                    self._send(401, b'{"detail": "auth"}')
+                    self.path = ""  # answered
+                return True
+
+            def do_GET(self):
+                if not self._api():
+                    return super().do_GET()
+                if self.path:
+                    task = int(parse_qs(urlsplit(self.path).query)["task"][0])
+                    with lock:
+                        found = [p for p in stub.predictions if p["task"] == task]
+                    self._send(200, json.dumps(found).encode(), JSON)
+
+            def do_POST(self):
+                if not self._api():
+                    return super().do_POST()
+                if self.path:
+                    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                    with lock:
+                        prediction = {**body, "id": len(stub.predictions) + 1}
+                        stub.predictions.append(prediction)
+                    stub.writing.set()
+                    time.sleep(stub.write_seconds)
+                    self._send(201, json.dumps(prediction).encode(), JSON)
+
+        self.httpd.RequestHandlerClass = Handler
+
+    def counts(self) -> dict[int, int]:
+        """Task id -> how many predictions were written for it."""
+        counted: dict[int, int] = {}
+        for prediction in list(self.predictions):
+            counted[prediction["task"]] = counted.get(prediction["task"], 0) + 1
+        return counted
 
 
 @pytest.fixture
@@ -107,6 +167,45 @@ def workers(redis_connection, redis_url, tmp_path):
     processes = WorkerProcesses(redis_url, tmp_path / "models", tmp_path)
     yield processes
     processes.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_redis(port: int, directory, appendonly: bool = False) -> subprocess.Popen:
+    """A private redis-server on 127.0.0.1:``port`` with its files in ``directory``; with
+    ``appendonly`` every write is fsynced to the AOF, so a restart on the same directory keeps
+    all data (queues, jobs, registries)."""
+    process = subprocess.Popen(
+        [
+            shutil.which("redis-server"),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if appendonly else "no",
+            "--appendfsync",
+            "always",
+            "--dir",
+            str(directory),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    wait_until(lambda: _pings(port), 10, "redis-server up")
+    return process
+
+
+def _pings(port: int) -> bool:
+    try:
+        return redis.Redis(port=port, socket_connect_timeout=0.2).ping()
+    except redis.RedisError:
+        return False
 
 
 def wait_until(condition, seconds: float, what: str, interval: float = 0.1):

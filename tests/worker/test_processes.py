@@ -4,14 +4,11 @@ REDIS_URL, a worker killed mid-job, Redis going away and coming back."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
-import redis
 from rq.job import Job, JobStatus
 from starlette.testclient import TestClient
 
@@ -26,7 +23,7 @@ from tests.backend.conftest import (
     rectangle,
 )
 from tests.conftest import REPO_ROOT
-from tests.worker.conftest import IMAGE, WorkerProcesses, wait_until
+from tests.worker.conftest import IMAGE, WorkerProcesses, free_port, start_redis, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -142,40 +139,6 @@ def test_a_job_of_a_killed_worker_is_retried_by_another(
     assert job.worker_name == "rescuer"
     result = job.return_value()
     assert isinstance(result["result"], list) and result["model_version"].startswith("efficientsam")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_redis(port: int, directory) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [
-            shutil.which("redis-server"),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(directory),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    wait_until(lambda: _pings(port), 10, "redis-server up")
-    return process
-
-
-def _pings(port: int) -> bool:
-    try:
-        return redis.Redis(port=port, socket_connect_timeout=0.2).ping()
-    except redis.RedisError:
-        return False
 
 
 def test_redis_restart_gives_503_then_recovers_without_restarts(tmp_path, server):
