@@ -84,7 +84,7 @@ class ModelWorker(SimpleWorker):
     def run_maintenance_tasks(self) -> None:
         super().run_maintenance_tasks()
         try:
-            self.runtime.registry.ensure_published()
+            self.runtime.republish()
             if not self.connection.exists(self.key):  # Redis restarted: be listed again
                 self.register_birth()
         except (redis.RedisError, ValueError) as error:
