@@ -97,6 +97,18 @@ class LabelStudioCredentials:
     def is_label_studio_url(self, url: str) -> bool:
         return bool(self.url) and _origin(url) == _origin(self.url)
 
+    def or_setup(self, hostname: str | None, access_token: str | None) -> LabelStudioCredentials:
+        """These credentials, or, when no LABEL_STUDIO_URL is configured, what LS's /setup sends
+        (``hostname``, ``access_token``)."""
+        if self.url or not hostname or not access_token:
+            return self
+        if not str(hostname).startswith(("http://", "https://")):
+            return self
+        logger.info(
+            "using Label Studio at %s (from /setup; set LABEL_STUDIO_URL to override)", hostname
+        )
+        return LabelStudioCredentials(str(hostname), str(access_token), self._client)
+
     def header(self) -> dict[str, str]:
         if not self.api_key:
             return {}
@@ -154,14 +166,7 @@ class ImageLoader:
 
     def use_setup_credentials(self, hostname: str | None, access_token: str | None) -> None:
         """Fall back to what LS's /setup sends when no LABEL_STUDIO_URL/API key is configured."""
-        if self.credentials.url or not hostname or not access_token:
-            return
-        if not str(hostname).startswith(("http://", "https://")):
-            return
-        logger.info(
-            "using Label Studio at %s (from /setup; set LABEL_STUDIO_URL to override)", hostname
-        )
-        self.credentials = LabelStudioCredentials(str(hostname), str(access_token), self._client)
+        self.credentials = self.credentials.or_setup(hostname, access_token)
 
     # -- URLs --------------------------------------------------------------------------------
     def resolve(self, url: str, task_id: int | None = None) -> str:

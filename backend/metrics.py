@@ -58,6 +58,10 @@ class Metrics:
         the training job writes: Redis, or this process in the embedded mode)."""
         self.registry.register(_TrainingCollector(statuses))
 
+    def watch_versions(self, errors: Callable[[], dict[str, dict]]) -> None:
+        """Export the model versions that failed to load lately (read at scrape time)."""
+        self.registry.register(_VersionErrorCollector(errors))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -95,3 +99,23 @@ class _TrainingCollector:
             running.add_metric([project], 1.0 if status.get("running") else 0.0)
         yield from families.values()
         yield running
+
+
+class _VersionErrorCollector:
+    def __init__(self, errors: Callable[[], dict[str, dict]]) -> None:
+        self._errors = errors
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "backend_model_version_error",
+            "1 for a model version that failed to load lately (requests for it fail; the "
+            "reason is in /health and the worker log)",
+            labels=["version"],
+        )
+        try:
+            errors = self._errors()
+        except Exception:  # a scrape never fails because Redis is away
+            errors = {}
+        for version in errors:
+            family.add_metric([version], 1.0)
+        yield family

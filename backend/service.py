@@ -43,6 +43,7 @@ from .context import (
 )
 from .label_config import LabelConfigError, ProjectConfig, parse_label_config
 from .metrics import Metrics
+from .picked import PickedVersions
 from .settings import AUTOLABEL_MODES, Settings
 from .transports import Transport, TransportError, create_transport
 
@@ -189,6 +190,13 @@ class SegmentationService:
         self.metrics = metrics or Metrics()
         self.transport = transport or create_transport(settings)
         self.metrics.watch_training(lambda: self.transport.project_state.statuses())
+        self.metrics.watch_versions(lambda: self.transport.version_errors())
+        self.picks = PickedVersions(
+            settings.label_studio_url,
+            settings.label_studio_api_key,
+            settings.version_pick_cache_seconds,
+        )
+        self._ignored_picks: set[tuple[str | None, tuple[str, ...]]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -196,6 +204,7 @@ class SegmentationService:
 
     def close(self) -> None:
         self.transport.close()
+        self.picks.close()
 
     def _guard(self, function, *args):
         """Call the transport (or the project state behind it): its failures become a
@@ -219,8 +228,11 @@ class SegmentationService:
             if not body.get("model_ready"):  # a click would wait and fail: say so
                 return {**body, "status": "DOWN"}, 503
             body["model_version"] = self.transport.model_version(None)
+            errors = self.transport.version_errors()
         except TransportError as error:
             return {**body, "status": "DOWN", "reason": str(error)}, error.status
+        if errors:  # other versions still serve: up, with the broken ones named
+            body["version_errors"] = {version: e["error"] for version, e in errors.items()}
         return body, 200
 
     def setup(self, payload: dict) -> dict:
@@ -228,15 +240,45 @@ class SegmentationService:
         params = payload.get("extra_params")
         if isinstance(params, dict):
             self._guard(self.transport.set_project_params, project, params)
+        hostname, token = payload.get("hostname"), payload.get("access_token")
         runtime = getattr(self.transport, "runtime", None)
         if runtime is not None:  # embedded: LS's own URL/token when none is configured
-            runtime.loader.use_setup_credentials(
-                payload.get("hostname"), payload.get("access_token")
-            )
-        return {"model_version": self._guard(self.transport.model_version, project)}
+            runtime.loader.use_setup_credentials(hostname, token)
+        self.picks.use_setup_credentials(hostname, token)
+        return {"model_version": self.requested_version(project)}
 
-    def versions(self, project: str | None = None) -> dict:
-        return {"versions": self._guard(self.transport.versions, project)}
+    def requested_version(self, project: str | None) -> str:
+        """The version LS asks for, which /setup returns and predictions are served and stamped
+        with: the one picked in LS (the project's ML backend record with auto update off, see
+        backend/picked.py) when it is the base or a promoted version of the project, else the
+        project's current version."""
+        current = self._guard(self.transport.model_version, project)
+        picked = tuple(sorted(set(self.picks.picked(project))))
+        if not picked or picked == (current,):
+            return current
+        usable = set(picked) & set(self._guard(self.transport.versions, project))
+        if len(usable) == 1:
+            return usable.pop()
+        if (project, picked) not in self._ignored_picks:
+            self._ignored_picks.add((project, picked))
+            logger.warning(
+                "project %s: Label Studio pins model version(s) %s, %s; serving %s",
+                project,
+                ", ".join(picked),
+                "several of them known" if usable else "not a version of this project",
+                current,
+            )
+        return current
+
+    def versions(self, project: object = None) -> dict:
+        """``{"versions": [...]}``: the base and the promoted versions of ``project`` (of every
+        project when none is given: LS's ``GET /versions`` carries no project id)."""
+        key = project_id(project)
+        if project not in (None, "") and key is None:
+            raise ServiceError(
+                f"project must be a numeric Label Studio project id: {project!r}", 400
+            )
+        return {"versions": self._guard(self.transport.versions, key)}
 
     # -- /webhook ------------------------------------------------------------------------------
     def webhook(self, payload: dict) -> tuple[dict, int]:
@@ -293,8 +335,8 @@ class SegmentationService:
         except PromptError as error:
             self.metrics.predictions.labels("interactive", "bad_prompt").inc()
             raise ServiceError(str(error), 422) from error
+        version = self.requested_version(project)
         if prompt is None:
-            version = self._guard(self.transport.model_version, project)
             return {"result": [], "model_version": version}
         request = {
             "project": project,
@@ -309,6 +351,7 @@ class SegmentationService:
             "output": output_request(config),
             "label": prompt.label,
             "dropped_items": prompt.dropped_items,
+            "model_version": version,
         }
         entry = self._guard(
             self.transport.call,
@@ -336,7 +379,7 @@ class SegmentationService:
         return mode, points
 
     def batch(self, project: str | None, tasks: list[dict], config: ProjectConfig) -> list[dict]:
-        version = self._guard(self.transport.model_version, project)
+        version = self.requested_version(project)
         mode, points_per_side = self.autolabel_mode(project)
         queued = self.transport.name != "embedded"
         started = time.monotonic()

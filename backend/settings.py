@@ -38,6 +38,7 @@ class Settings:
     max_image_pixels: int = 64_000_000
     download_timeout_seconds: float = 20.0
     batch_time_budget_seconds: float = 60.0  # LS cuts /predict at 100 s
+    version_pick_cache_seconds: float = 15.0  # how long LS's picked model version is cached
     log_level: str = "INFO"
     # Batch predictions ("Retrieve predictions"): boxes (rectangles -> masks), everything
     # (automatic masks), auto (boxes when the task has rectangles, else everything), off.
@@ -156,6 +157,7 @@ ENV: dict[str, tuple[str, ...]] = {
     "max_image_pixels": ("MAX_IMAGE_PIXELS",),
     "download_timeout_seconds": ("DOWNLOAD_TIMEOUT_SECONDS",),
     "batch_time_budget_seconds": ("BATCH_TIME_BUDGET_SECONDS",),
+    "version_pick_cache_seconds": ("VERSION_PICK_CACHE_SECONDS",),
     "log_level": ("LOG_LEVEL",),
     "autolabel_mode": ("AUTOLABEL_MODE",),
     "autolabel_points_per_side": ("AUTOLABEL_POINTS_PER_SIDE",),

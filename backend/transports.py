@@ -51,7 +51,12 @@ class Transport(Protocol):
     def model_version(self, project: str | None) -> str:
         """The version serving ``project`` (what /setup returns and predictions carry)."""
 
-    def versions(self, project: str | None) -> list[str]: ...
+    def versions(self, project: str | None) -> list[str]:
+        """The base version and the versions ever promoted for ``project`` (for every project
+        when None): what LS may ask for."""
+
+    def version_errors(self) -> dict[str, dict]:
+        """Versions that failed to load lately: version -> ``{"error", "time"}``."""
 
     def call(self, function: str, request: dict, queue: str, timeout: float) -> dict:
         """Run ``worker.jobs.<function>(request)`` and wait for its result."""
@@ -155,11 +160,10 @@ class EmbeddedTransport:
         return self.runtime.registry.current_version(project) or self.base_version
 
     def versions(self, project: str | None) -> list[str]:
-        versions = [self.base_version]
-        if project is not None:
-            history = self.runtime.registry.project_state(project)["history"]
-            versions += [e["version"] for e in history if e.get("event") == "promoted"]
-        return versions
+        return [self.base_version, *self.runtime.registry.promoted_versions(project)]
+
+    def version_errors(self) -> dict[str, dict]:
+        return self.runtime.registry.version_errors()
 
     def _wait_ready(self, timeout: float) -> None:
         if not self._ready.wait(timeout):
@@ -303,12 +307,27 @@ class QueueTransport:
         return version
 
     def versions(self, project: str | None) -> list[str]:
-        base = self.directory.base()
+        import redis
+
+        try:
+            base = self.directory.base()
+            promoted = self.directory.promoted_versions(project)
+            current = self.directory.current(project)
+        except redis.RedisError as error:
+            raise self._unavailable(error) from error
         versions = [base["version"]] if base else []
-        current = self.directory.current(project)
-        if current and current not in versions:
-            versions.append(current)
+        for version in [*promoted, current]:
+            if version and version not in versions:
+                versions.append(version)
         return versions
+
+    def version_errors(self) -> dict[str, dict]:
+        import redis
+
+        try:
+            return self.directory.version_errors()
+        except redis.RedisError as error:
+            raise self._unavailable(error) from error
 
     def call(self, function: str, request: dict, queue: str, timeout: float) -> dict:
         import redis

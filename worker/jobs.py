@@ -11,13 +11,19 @@ Requests:
 
 * ``segment``: ``{"project", "task", "image": url, "size": [w, h], "prompt": {"points":
   [[x, y], ...], "labels": [1|0, ...], "box": [x0, y0, x1, y1] | null} (pixels of size),
-  "output": {"tag", "name", "to_name", "labels"}, "label", "dropped_items"}`` -> one LS
-  prediction ``{"result", "score", "model_version", "info"?}`` with the best mask at ``size``.
+  "output": {"tag", "name", "to_name", "labels"}, "label", "dropped_items", "model_version"}``
+  -> one LS prediction ``{"result", "score", "model_version", "info"?}`` with the best mask at
+  ``size``.
 * ``autolabel``: ``{"project", "task": {"id", "image", "boxes": [{"box", "size", "label"}]},
   "mode": "auto"|"boxes"|"everything", "points_per_side", "output", "model_version",
   "write_back": bool}`` -> the task's prediction (``write_back`` false), or, written to LS
   through the API (skipped when the task already has one of that version), a summary.
 * ``prewarm``: ``{"project", "task", "image"}`` -> the image's embedding is computed and cached.
+
+``model_version`` (what LS asked for: ``/setup``'s answer) is served exactly, whatever the
+project's current version is by the time the job runs; a version that cannot be served is an
+error with the reason (a failed, retried job for ``autolabel`` written back), never a prediction
+of another version. Without it, the project's current version is served.
 """
 
 from __future__ import annotations
@@ -35,13 +41,15 @@ from backend.images import ImageError
 from backend.label_config import LabelConfigError, OutputControl
 from backend.results import mask_results, resize_mask
 
+from .runtime import VersionUnavailable
+
 if TYPE_CHECKING:
     from .runtime import ModelRuntime
 
 logger = logging.getLogger(__name__)
 
 _runtime: ContextVar[ModelRuntime | None] = ContextVar("efficientsam_runtime", default=None)
-EXPECTED_ERRORS = (ImageError, PromptError, LabelConfigError, ValueError)
+EXPECTED_ERRORS = (ImageError, PromptError, LabelConfigError, ValueError, VersionUnavailable)
 
 
 class TaskFailed(RuntimeError):
@@ -89,7 +97,7 @@ def segment(request: dict, runtime: ModelRuntime | None = None) -> dict:
         output = OutputControl(**request["output"])
         label = output.label_for(request.get("label"))
         size = (int(request["size"][0]), int(request["size"][1]))
-        served = runtime.served_model(request.get("project"))
+        served = runtime.served_model(request.get("project"), request.get("model_version"))
         image = runtime.load_image(request["image"], request.get("task"))
         prompt = _prompt(request["prompt"], size, image.size)
     except EXPECTED_ERRORS as error:
@@ -145,7 +153,7 @@ def autolabel(request: dict, runtime: ModelRuntime | None = None) -> dict:
     started = time.perf_counter()
     try:
         output = OutputControl(**request["output"])
-        served = runtime.served_model(request.get("project"))
+        served = runtime.served_model(request.get("project"), request.get("model_version"))
         if write_back and runtime.labelstudio.prediction_exists(task_id, served.version):
             return {"task": task_id, "status": "exists", "model_version": served.version}
         boxes = task.get("boxes") or []
@@ -197,7 +205,7 @@ def housekeeping(request: dict, runtime: ModelRuntime | None = None) -> dict:
     runtime = _resolve(runtime)
     shared = getattr(runtime.cache, "shared", None)
     pruned = shared.prune_expired() if shared is not None else 0
-    republished = runtime.registry.ensure_published()
+    republished = runtime.republish()
     return {"pruned_cache_entries": pruned, "republished_registry": republished}
 
 

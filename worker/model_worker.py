@@ -155,7 +155,7 @@ class ModelWorker(SimpleWorker):
     def run_maintenance_tasks(self) -> None:
         try:
             super().run_maintenance_tasks()  # (re)starts the scheduler, cleans the registries
-            self.runtime.registry.ensure_published()
+            self.runtime.republish()
             registered = self.connection.hexists(self.key, "birth") and (
                 self.connection.sismember(REDIS_WORKER_KEYS, self.key)
             )

@@ -10,7 +10,9 @@ Durable state lives under ``MODEL_DIR`` (shared by all workers, e.g. one volume)
 
 Redis carries a copy for the processes that serve and route (the backend never touches
 ``MODEL_DIR`` or torch): ``<prefix>:model:base`` (JSON of the base version, written by every
-worker at start-up) and ``<prefix>:model:project:<id>`` (current version). Workers re-publish
+worker at start-up), ``<prefix>:model:project:<id>`` (current version),
+``<prefix>:model:versions`` (project -> its promoted versions, for ``/versions``) and
+``<prefix>:model:errors`` (versions a worker failed to load). Workers re-publish
 the disk state at start-up and whenever the ``<prefix>:model:published`` marker is gone (a Redis
 restart), so Redis is never the only copy of a model version.
 
@@ -39,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 _PROJECT = re.compile(r"^\d+$")
 _UNCHANGED = object()
+VERSION_ERROR_SECONDS = 3600.0  # a version that failed to load is reported this long
 
 
 class RegistryError(ValueError):
@@ -103,6 +106,7 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self._cache: dict[Path, tuple[float, dict]] = {}
         self._base_description: dict | None = None
+        self._errors: dict[str, dict] = {}
 
     # -- paths ---------------------------------------------------------------------------------
     @property
@@ -147,6 +151,18 @@ class ModelRegistry:
         if not folder.is_dir():
             return []
         return sorted((p.stem for p in folder.glob("*.json")), key=int)
+
+    def promoted_versions(self, project: str | None = None) -> list[str]:
+        """The versions ever promoted for ``project`` (every project's when None), oldest first
+        per project: what LS's version list offers besides the base."""
+        projects = [str(project)] if project is not None else self.projects()
+        versions: list[str] = []
+        for name in projects:
+            for event in self.project_state(name)["history"]:
+                version = event.get("version")
+                if event.get("event") == "promoted" and version and version not in versions:
+                    versions.append(version)
+        return versions
 
     def version_info(self, version: str) -> VersionInfo:
         path = self.version_path(version)
@@ -210,7 +226,9 @@ class ModelRegistry:
         if str(info.metadata.get("project")) != str(project):
             raise RegistryError(f"version {version} was not trained for project {project}")
         event = {"event": "promoted", "version": version, **(details or {})}
-        return self.record(project, event, current=version)
+        state = self.record(project, event, current=version)
+        self.publish_versions([str(project)])
+        return state
 
     def reject(self, project: str, version: str, reason: str, details: dict | None = None) -> dict:
         event = {"event": "rejected", "version": version, "reason": reason, **(details or {})}
@@ -273,10 +291,55 @@ class ModelRegistry:
         logger.info("published the model registry to Redis (%d project versions)", count)
         return True
 
+    def publish_versions(self, projects: list[str] | None = None) -> None:
+        """Copy the promoted versions of ``projects`` (all when None) to Redis, for the
+        backend's ``/versions`` in the Redis mode."""
+        if self.redis is None:
+            return
+        projects = self.projects() if projects is None else projects
+        lists = {project: json.dumps(self.promoted_versions(project)) for project in projects}
+        if lists:
+            self.redis.hset(f"{self.prefix}:versions", mapping=lists)
+
+    def report_version_error(self, version: str, error: str | None) -> None:
+        """Remember (``error``) or forget (None: it loaded) that ``version`` cannot be loaded:
+        kept in this process and, with Redis, for the backend's /health and /metrics."""
+        entry = {"error": error, "time": time.time()}
+        with self._lock:
+            if error is None:
+                self._errors.pop(version, None)
+            else:
+                self._errors[version] = entry
+        if self.redis is None:
+            return
+        if error is None:
+            self.redis.hdel(f"{self.prefix}:errors", version)
+        else:
+            self.redis.hset(f"{self.prefix}:errors", version, json.dumps(entry))
+
+    def version_errors(self, max_age_seconds: float = VERSION_ERROR_SECONDS) -> dict[str, dict]:
+        """Versions that failed to load in the last ``max_age_seconds``: version -> ``{"error",
+        "time"}`` (this process's; the Redis copy has every worker's)."""
+        if self.redis is not None:
+            return _recent_errors(self.redis.hgetall(f"{self.prefix}:errors"), max_age_seconds)
+        with self._lock:
+            return _recent_errors(dict(self._errors), max_age_seconds)
+
+
+def _recent_errors(entries: dict, max_age_seconds: float) -> dict[str, dict]:
+    recent = {}
+    for version, entry in entries.items():
+        version = version.decode() if isinstance(version, bytes) else version
+        entry = json.loads(entry) if isinstance(entry, (bytes, str)) else entry
+        if time.time() - float(entry.get("time", 0)) <= max_age_seconds:
+            recent[version] = entry
+    return recent
+
 
 class VersionDirectory:
-    """What the backend needs in Redis mode: the base version and each project's current
-    version, read from Redis (torch-free, no MODEL_DIR)."""
+    """What the backend needs in Redis mode: the base version, each project's current and
+    promoted versions, versions that failed to load; read from Redis (torch-free, no
+    MODEL_DIR)."""
 
     def __init__(self, redis: Redis, prefix: str = "efficientsam") -> None:
         self.redis = redis
@@ -295,3 +358,23 @@ class VersionDirectory:
         if len(values) > 1 and values[1]:
             return values[1].decode() if isinstance(values[1], bytes) else values[1]
         return json.loads(values[0])["version"] if values[0] else None
+
+    def promoted_versions(self, project: str | None = None) -> list[str]:
+        """Versions ever promoted for ``project`` (every project's when None), as the workers
+        published them (:meth:`ModelRegistry.publish_versions`)."""
+        key = f"{self.prefix}:versions"
+        if project is not None:
+            raw = self.redis.hget(key, str(project))
+            return json.loads(raw) if raw else []
+        lists = {
+            (k.decode() if isinstance(k, bytes) else k): json.loads(v)
+            for k, v in self.redis.hgetall(key).items()
+        }
+        versions: list[str] = []
+        for name in sorted(lists, key=lambda k: int(k) if k.isdigit() else 0):
+            versions += [v for v in lists[name] if v not in versions]
+        return versions
+
+    def version_errors(self, max_age_seconds: float = VERSION_ERROR_SECONDS) -> dict[str, dict]:
+        """Versions some worker could not load lately: version -> ``{"error", "time"}``."""
+        return _recent_errors(self.redis.hgetall(f"{self.prefix}:errors"), max_age_seconds)

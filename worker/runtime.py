@@ -7,11 +7,13 @@ the embedded backend routes to its single compute thread (one OpenMP team, see
 backend/service.py) and a worker runs inline in its main thread.
 
 Versions: the base checkpoint serves every project without a promoted fine-tune; a project's
-promoted version (``worker.registry``) is loaded on first use as the base model with the
-fine-tuned tensors swapped in (modules whose tensors did not change, e.g. the image encoder of a
-decoder-only fine-tune, are shared with the base model, and so are their cached embeddings: the
-embedding key holds the encoder's fingerprint). The registry is re-read (a stat) on every call,
-so a promotion or roll-back is served by every worker on its next job, without a restart.
+promoted version (``worker.registry``), or the stored version a request names, is loaded on
+first use as the base model with the fine-tuned tensors swapped in (modules whose tensors did
+not change, e.g. the image encoder of a decoder-only fine-tune, are shared with the base model,
+and so are their cached embeddings: the embedding key holds the encoder's fingerprint). The
+registry is re-read (a stat) on every call, so a promotion or roll-back is served by every
+worker on its next job, without a restart. A request that names a version (what LS asked for)
+gets exactly that version or an error, never another one.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from backend.images import ImageLoader, LoadedImage
 from backend.settings import Settings
 
 from .projects import MemoryProjectState, RedisProjectState
-from .registry import ModelRegistry, RegistryError
+from .registry import ModelRegistry, RegistryError, VersionInfo
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -52,6 +54,15 @@ DEFAULT_CHECKPOINT_NAMES = (
     "efficient_sam_vitt.safetensors",
 )
 LOADED_VERSIONS = 4  # fine-tuned versions kept in memory per process (~4 MiB decoder-only)
+
+
+class VersionUnavailable(RuntimeError):
+    """A model version this process cannot serve (unknown, another project's, failed to load);
+    ``status`` is the HTTP status to report (409: not this project's, 503: cannot be loaded)."""
+
+    def __init__(self, message: str, status: int = 503) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class ConfigurationError(Exception):
@@ -184,6 +195,7 @@ class ModelRuntime:
             }
         )
         self.registry.ensure_published()
+        self.registry.publish_versions()
         logger.info(
             "model %s ready on %s in %.1f s",
             self.base_version,
@@ -197,17 +209,21 @@ class ModelRuntime:
         return self._compute(function)
 
     # -- versions ------------------------------------------------------------------------------
-    def served_model(self, project: str | None) -> ServedModel:
-        """The model serving ``project`` now (its promoted fine-tune, else the base)."""
+    def served_model(self, project: str | None, version: str | None = None) -> ServedModel:
+        """The model for ``project``: exactly ``version`` when given (the base's, or one of the
+        project's stored versions, loaded by name), else the project's promoted version (or the
+        base). Never another version: anything that cannot be served raises
+        :class:`VersionUnavailable` with the reason, and a version that fails to load is
+        reported (log, registry: /health, /metrics)."""
         base = self.base or self.compute(self.load)
-        try:
-            version = self.registry.current_version(project)
-        except (RegistryError, OSError, ValueError) as error:
-            logger.warning(
-                "registry unreadable for project %s, serving the base: %s", project, error
-            )
-            version = None
         if version is None:
+            try:
+                version = self.registry.current_version(project) or base.version
+            except (RegistryError, OSError, ValueError) as error:
+                raise VersionUnavailable(
+                    f"the model registry of project {project} cannot be read: {error}"
+                ) from error
+        if version == base.version:
             return base
         with self._lock:
             served = self._versions.get(version)
@@ -215,32 +231,53 @@ class ModelRuntime:
                 self._versions.move_to_end(version)
                 return served
         try:
-            served = self.compute(lambda: self._load_version(version))
-        except Exception as error:  # a broken version file must not take the project down
-            logger.exception("cannot load version %s; serving the base model: %s", version, error)
-            return base
+            info = self.registry.version_info(version)
+        except (RegistryError, OSError, ValueError) as error:
+            raise self._unavailable(version, error) from error
+        owner = str(info.metadata.get("project"))
+        if project is not None and owner != str(project):
+            raise VersionUnavailable(
+                f"model version {version} belongs to project {owner}, not {project}", 409
+            )
+        try:
+            served = self.compute(lambda: self._load_version(info))
+        except Exception as error:  # reported, never replaced by another version
+            raise self._unavailable(version, error) from error
+        self.registry.report_version_error(version, None)
         with self._lock:
             self._versions[version] = served
             while len(self._versions) > LOADED_VERSIONS:
                 self._versions.popitem(last=False)
         return served
 
-    def _load_version(self, version: str) -> ServedModel:
+    def _unavailable(self, version: str, error: Exception) -> VersionUnavailable:
+        """Log and report (registry: /health, /metrics) a version that cannot be loaded."""
+        logger.error("cannot load model version %s: %s", version, error, exc_info=True)
+        self.registry.report_version_error(version, f"{type(error).__name__}: {error}")
+        return VersionUnavailable(f"model version {version} cannot be loaded: {error}")
+
+    def _load_version(self, info: VersionInfo) -> ServedModel:
         """Base model + the version's tensors; modules with unchanged tensors are shared."""
         from safetensors.torch import load_file
 
         from efficientsam.predictor import Predictor
 
-        info = self.registry.version_info(version)
         if info.metadata.get("base") != self.base_version:
             raise RegistryError(
-                f"version {version} was trained from {info.metadata.get('base')}, "
+                f"version {info.version} was trained from {info.metadata.get('base')}, "
                 f"but this worker serves {self.base_version}"
             )
         tensors = load_file(str(info.path), device=str(self.base.predictor.model.device))
         model = derived_model(self.base.predictor.model, tensors)
-        logger.info("loaded %s (%d tensors replaced)", version, len(tensors))
-        return ServedModel(version, Predictor(model, self.cache, self.settings.precision))
+        logger.info("loaded %s (%d tensors replaced)", info.version, len(tensors))
+        return ServedModel(info.version, Predictor(model, self.cache, self.settings.precision))
+
+    def republish(self) -> bool:
+        """Re-publish the registry to Redis when Redis lost it (a restart); True if it did."""
+        if not self.registry.ensure_published():
+            return False
+        self.registry.publish_versions()
+        return True
 
     # -- work ----------------------------------------------------------------------------------
     def load_image(self, url: str, task_id: int | None = None) -> LoadedImage:

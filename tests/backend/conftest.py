@@ -40,10 +40,12 @@ def png_bytes(array: np.ndarray, exif_orientation: int | None = None, fmt: str =
 
 class FileServer:
     """Serves ``files`` (path -> bytes) like LS: /data/... needs Token <legacy> or Bearer <access>;
-    /api/token/refresh/ exchanges the PAT; records every request's path and auth header."""
+    /api/token/refresh/ exchanges the PAT; ``api`` (path without query -> JSON value) answers
+    GET /api/... with the same auth; records every request's path and auth header."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
+        self.api: dict[str, object] = {}
         self.redirects: dict[str, str] = {}
         self.requests: list[tuple[str, str | None]] = []
         self.access_tokens: list[str] = []
@@ -85,13 +87,17 @@ class FileServer:
                 if self.path in server.redirects:
                     self._send(302, b"", {"Location": server.redirects[self.path]})
                     return
-                if self.path.startswith("/data/") or self.path.startswith("/tasks/"):
+                if self.path.startswith(("/data/", "/tasks/", "/api/")):
                     allowed = {f"Token {LEGACY_TOKEN}"} | {
                         f"Bearer {t}" for t in server.access_tokens
                     }
                     if auth not in allowed:
                         self._send(401, b'{"detail": "auth"}')
                         return
+                if self.path.split("?")[0] in server.api:
+                    body = json.dumps(server.api[self.path.split("?")[0]]).encode()
+                    self._send(200, body, {"Content-Type": "application/json"})
+                    return
                 if self.path not in server.files:
                     self._send(404, b"not found")
                     return

@@ -162,3 +162,56 @@ def test_a_promoted_version_is_served_without_a_restart(runtime):
         jobs.segment(click(300, 200, project="7"), runtime=runtime)["model_version"]
         == runtime.base_version
     )
+
+
+def decoder_tensors(runtime, scale: float) -> dict:
+    """A decoder-only "fine-tune": the output hypernetworks scaled."""
+    decoder = runtime.base.predictor.model.mask_decoder
+    return {
+        f"mask_decoder.output_hypernetworks_mlps.{name}": tensor.detach() * scale
+        for name, tensor in decoder.output_hypernetworks_mlps.state_dict().items()
+    }
+
+
+def test_a_job_serves_exactly_the_version_it_asks_for(runtime):
+    """LS asked for (and filters on) the version /setup returned: a promotion between enqueue
+    and run, or a Redis copy behind the disk, must not change what the job serves."""
+    registry, base = runtime.registry, runtime.base_version
+    first = registry.store_version("11", base, decoder_tensors(runtime, 0.5), {})
+    registry.promote("11", first)
+    second = registry.store_version("11", base, decoder_tensors(runtime, 0.25), {})
+    registry.promote("11", second)
+    assert jobs.segment(click(300, 200, project="11"), runtime=runtime)["model_version"] == second
+    for version in (base, first):
+        answer = jobs.segment(click(300, 200, project="11", model_version=version), runtime=runtime)
+        assert answer["model_version"] == version
+    task = {"id": 3, "image": IMAGE, "boxes": [{"box": [64, 48, 320, 240], "size": [640, 480]}]}
+    request = {"project": "11", "task": task, "mode": "boxes", "output": OUTPUT}
+    entry = jobs.autolabel({**request, "model_version": first}, runtime=runtime)
+    assert entry["model_version"] == first and entry["result"]
+    assert jobs.autolabel(request, runtime=runtime)["model_version"] == second
+
+
+def test_a_version_that_cannot_be_served_is_an_error_never_another_version(runtime):
+    registry, base = runtime.registry, runtime.base_version
+    other = registry.store_version("12", base, decoder_tensors(runtime, 0.5), {})
+    wrong_project = jobs.segment(click(5, 5, project="13", model_version=other), runtime=runtime)
+    assert wrong_project["status"] == 409 and "project 12" in wrong_project["error"]
+    missing = jobs.segment(
+        click(5, 5, project="12", model_version=f"{base}+p12-ft99"), runtime=runtime
+    )
+    assert missing["status"] == 503 and "ft99" in missing["error"]
+
+    # a promoted version file that does not load: an error, not a silent fall-back to the base
+    broken = registry.store_version("12", base, {"mask_decoder.no_such.weight": torch.ones(2)}, {})
+    registry.promote("12", broken)
+    answer = jobs.segment(click(5, 5, project="12"), runtime=runtime)
+    assert answer["status"] == 503 and "no_such" in answer["error"]
+    assert "no_such" in registry.version_errors()[broken]["error"]
+    task = {"id": 4, "image": IMAGE, "boxes": [{"box": [64, 48, 320, 240], "size": [640, 480]}]}
+    request = {"project": "12", "task": task, "mode": "boxes", "output": OUTPUT}
+    assert jobs.autolabel(request, runtime=runtime)["status"] == 503
+    with pytest.raises(jobs.TaskFailed, match="cannot be loaded"):  # RQ retries, then reports
+        jobs.autolabel({**request, "model_version": broken, "write_back": True}, runtime=runtime)
+    registry.promote("12", other)
+    assert jobs.segment(click(5, 5, project="12"), runtime=runtime)["model_version"] == other

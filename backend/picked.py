@@ -1,0 +1,94 @@
+"""The model version a user picked for a project in Label Studio, read through LS's API.
+
+LS never sends it: ``/setup`` and ``/predict`` carry no version. A project's ML backend record
+holds ``model_version`` and ``auto_update``; with auto update off, LS keeps the record's
+version whatever ``/setup`` answers, and that version is the user's pick (set with
+``PATCH /api/ml/<id> {"url", "project", "auto_update": false, "model_version": ...}``; LS
+1.23.2's web UI has no control for it, the API and SDK do). The backend then serves and stamps
+that version, so that what LS stores, filters on and shows is one version.
+
+The records are read from ``GET /api/projects/<id>/model-versions?extended=true&
+include_live_models=true``: it only reads LS's database (about 40 ms here), whereas
+``GET /api/ml?project=<id>`` calls every backend's ``/health`` and ``/setup`` first, so a
+``/setup`` that used it would call itself through LS. Answers are cached per project for
+``VERSION_PICK_CACHE_SECONDS`` (LS gives ``/setup`` 3 s and calls it on every task opened);
+a failed look-up is cached too, logged, and means "no pick".
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import httpx
+
+from .images import ImageError, LabelStudioCredentials
+
+logger = logging.getLogger(__name__)
+
+LOOKUP_TIMEOUT_SECONDS = 1.0
+
+
+class PickedVersions:
+    """Per project: the ``model_version`` of its LS ML backend records with auto update off."""
+
+    def __init__(
+        self,
+        label_studio_url: str,
+        api_key: str,
+        cache_seconds: float = 15.0,
+        client: httpx.Client | None = None,
+    ) -> None:
+        self._client = client or httpx.Client(
+            timeout=LOOKUP_TIMEOUT_SECONDS, follow_redirects=False
+        )
+        self.credentials = LabelStudioCredentials(label_studio_url, api_key, self._client)
+        self.cache_seconds = cache_seconds
+        self._cache: dict[str, tuple[float, list[str]]] = {}
+        self._lock = threading.Lock()
+
+    def use_setup_credentials(self, hostname: str | None, access_token: str | None) -> None:
+        """Fall back to what LS's /setup sends when no LABEL_STUDIO_URL/API key is configured."""
+        self.credentials = self.credentials.or_setup(hostname, access_token)
+
+    def picked(self, project: str | None) -> list[str]:
+        """The versions pinned for ``project`` (auto update off), usually one; [] when none,
+        when no LS is known, or when LS cannot be asked (cached ``cache_seconds``)."""
+        if project is None or not self.credentials.url:
+            return []
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(project)
+        if cached is not None and now - cached[0] < self.cache_seconds:
+            return cached[1]
+        versions = self._fetch(project)
+        with self._lock:
+            self._cache[project] = (now, versions)
+        return versions
+
+    def _fetch(self, project: str) -> list[str]:
+        url = f"{self.credentials.url}/api/projects/{project}/model-versions"
+        params = {"extended": "true", "include_live_models": "true", "limit": "1"}
+        try:
+            response = self._client.get(url, params=params, headers=self.credentials.header())
+            response.raise_for_status()
+            records = response.json().get("live") or []
+        except (httpx.HTTPError, ImageError, ValueError, AttributeError) as error:
+            logger.warning(
+                "cannot read project %s's ML backend records from Label Studio (%s); serving "
+                "its current model version",
+                project,
+                error,
+            )
+            return []
+        return [
+            str(record["model_version"])
+            for record in records
+            if isinstance(record, dict)
+            and record.get("auto_update") is False
+            and record.get("model_version")
+        ]
+
+    def close(self) -> None:
+        self._client.close()
