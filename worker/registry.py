@@ -311,16 +311,16 @@ class ModelRegistry:
         return count
 
     def _published_differs(self) -> bool:
-        """Whether Redis's copy differs from the disk: the base description, or any project's
-        version (a key missing, stale or left over); one MGET plus one SCAN of the keys."""
+        """Whether Redis's copy differs from the disk: any project's version (a key missing,
+        stale or left over) or the base description missing (its content is each worker's
+        own: workers of two checkpoints would take turns); one MGET and one SCAN."""
         expected = {
             f"{self.prefix}:project:{project}": self.project_state(project)["current"]
             for project in self.projects()
         }
         keys = list(expected)
-        if self._base_description is not None:
-            keys.append(f"{self.prefix}:base")
-            expected[keys[-1]] = json.dumps(self._base_description, sort_keys=True)
+        if self._base_description is not None and not self.redis.exists(f"{self.prefix}:base"):
+            return True
         values = self.redis.mget(keys) if keys else []
         for key, value in zip(keys, values, strict=True):
             if (value.decode() if isinstance(value, bytes) else value) != expected[key]:

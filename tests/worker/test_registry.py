@@ -179,7 +179,7 @@ def test_the_redis_copy_is_republished_whenever_it_differs_from_the_disk(
     tmp_path, redis_connection
 ):
     """Not only after a restart (the marker key gone): a project key lost, overwritten or left
-    over from a project the disk does not have, or a base description changed, is corrected."""
+    over from a project the disk does not have, or the base description lost, is corrected."""
     registry = ModelRegistry(tmp_path, redis_connection, "t")
     directory = VersionDirectory(redis_connection, "t")
     registry.publish_base({"version": BASE})
@@ -193,6 +193,6 @@ def test_the_redis_copy_is_republished_whenever_it_differs_from_the_disk(
     assert registry.ensure_published() is True and directory.current("3") == version
     redis_connection.set("t:model:project:8", f"{BASE}+p8-ft1")
     assert registry.ensure_published() is True and directory.current("8") == BASE
-    redis_connection.set("t:model:base", json.dumps({"version": "other"}))
+    redis_connection.delete("t:model:base")
     assert registry.ensure_published() is True and directory.current(None) == BASE
     assert registry.ensure_published() is False
