@@ -113,6 +113,7 @@ class EmbeddedTransport:
         # thread (clicks stay available, slower while a fine-tune runs).
         self._training = ThreadPoolExecutor(max_workers=1, thread_name_prefix="training")
         self._pending: dict[str, object] = {}
+        self._pending_lock = threading.Lock()
         self.project_state = self.runtime.project_state  # in memory: no Redis here
 
     def start(self) -> None:
@@ -201,9 +202,6 @@ class EmbeddedTransport:
         if not self.ready and queue != "train":  # a prewarm before the model is up: pointless
             return None
         job_id = job_id or f"{function}-{time.time_ns()}"
-        pending = self._pending.get(job_id)
-        if pending is not None and not pending.done():
-            return job_id  # already queued or running: not twice
 
         def work() -> None:
             try:
@@ -212,8 +210,12 @@ class EmbeddedTransport:
                 logger.exception("background %s failed", function)
 
         executor = self._training if queue == "train" else self._background
-        self._pending = {k: v for k, v in self._pending.items() if not v.done()}
-        self._pending[job_id] = executor.submit(work)
+        with self._pending_lock:  # request threads submit at once: one check-and-add at a time
+            pending = self._pending.get(job_id)
+            if pending is not None and not pending.done():
+                return job_id  # already queued or running: not twice
+            self._pending = {k: v for k, v in self._pending.items() if not v.done()}
+            self._pending[job_id] = executor.submit(work)
         return job_id
 
     def project_params(self, project: str | None) -> dict:
@@ -370,13 +372,17 @@ class QueueTransport:
         description: str | None = None,
     ) -> str | None:
         import redis
-        from rq import Retry
         from rq.exceptions import NoSuchJobError
         from rq.job import Job, JobStatus
 
-        retries = self.settings.batch_retries
         try:
-            if job_id is not None:
+            if job_id is None:
+                return self._enqueue(function, request, queue, job_id, at_front, description)
+            # The check and the enqueue under one lock per job id: two submits at once (two
+            # "Start training" clicks, a click and the cron) never enqueue the job twice.
+            with self.connection.lock(
+                f"{self.settings.redis_key_prefix}:submit:{job_id}", 30, blocking_timeout=10
+            ):
                 try:
                     existing = Job.fetch(job_id, connection=self.connection)
                     status = existing.get_status(refresh=False)
@@ -390,23 +396,37 @@ class QueueTransport:
                     existing.delete()
                 except NoSuchJobError:
                     pass
-            job = self.queues[queue].enqueue(
-                f"{JOBS_MODULE}.{function}",
-                request,
-                job_id=job_id,
-                at_front=at_front,
-                description=description,
-                job_timeout=self._timeouts[queue],
-                result_ttl=24 * 3600,
-                failure_ttl=7 * 24 * 3600,
-                retry=(
-                    Retry(max=retries, interval=self.settings.batch_retry_delay_seconds)
-                    if retries > 0
-                    else None
-                ),
-            )
+                return self._enqueue(function, request, queue, job_id, at_front, description)
         except redis.RedisError as error:
             raise self._unavailable(error) from error
+
+    def _enqueue(
+        self,
+        function: str,
+        request: dict,
+        queue: str,
+        job_id: str | None,
+        at_front: bool,
+        description: str | None,
+    ) -> str:
+        from rq import Retry
+
+        retries = self.settings.batch_retries
+        job = self.queues[queue].enqueue(
+            f"{JOBS_MODULE}.{function}",
+            request,
+            job_id=job_id,
+            at_front=at_front,
+            description=description,
+            job_timeout=self._timeouts[queue],
+            result_ttl=24 * 3600,
+            failure_ttl=7 * 24 * 3600,
+            retry=(
+                Retry(max=retries, interval=self.settings.batch_retry_delay_seconds)
+                if retries > 0
+                else None
+            ),
+        )
         return job.id
 
     def project_params(self, project: str | None) -> dict:

@@ -5,7 +5,13 @@ skipped tasks (``was_cancelled``) and empty annotations are ignored. Every brush
 polygon region on the project's image is one instance mask, at the annotation's
 ``original_width`` x ``original_height``. Rectangles are not used: a box says where an object is,
 not which pixels are it, and training a mask decoder towards filled boxes would teach it boxes
-(the box prompts of training are derived from the masks instead). Torch-free.
+(the box prompts of training are derived from the masks instead).
+
+A region that says it is a mask but cannot be decoded (bad RLE, bitmask or polygon) makes its
+task skipped with the reason (:func:`sync_annotations`), never the run failed. What the sync
+keeps per task is only what training needs: the image URL, the annotation's id and time, and
+its masks packed 8 pixels a byte (the task's JSON, other annotations and predictions are
+dropped as each task is read). Torch-free.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import base64
 import hashlib
 import io
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,17 +29,49 @@ from backend.label_config import ProjectConfig
 
 MASK_TYPES = ("brushlabels", "bitmasklabels", "polygonlabels")
 MIN_MASK_PIXELS = 4
+MAX_MASK_PIXELS = 2**28  # a region claiming more pixels than this is refused, not allocated
+
+
+class AnnotationError(ValueError):
+    """A mask region that cannot be decoded; the message says why."""
+
+
+@dataclass(frozen=True)
+class PackedMask:
+    """An (H, W) bool mask, 8 pixels a byte (``np.packbits``)."""
+
+    shape: tuple[int, int]
+    bits: np.ndarray
+
+    @classmethod
+    def pack(cls, mask: np.ndarray) -> PackedMask:
+        return cls((int(mask.shape[0]), int(mask.shape[1])), np.packbits(mask, axis=None))
+
+    def unpack(self) -> np.ndarray:
+        height, width = self.shape
+        return np.unpackbits(self.bits, count=height * width).reshape(height, width).astype(bool)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.bits.nbytes)
 
 
 @dataclass(frozen=True)
 class AnnotatedTask:
-    """One task's training data: its image URL and instance masks (H, W) bool."""
+    """One task's training data: its image URL and instance masks (packed, at the annotation's
+    size; :meth:`masks_at` gives them at the size training uses, the downloaded image's)."""
 
     task_id: int
     image_url: str
     annotation_id: int
     updated_at: str
-    masks: tuple[np.ndarray, ...]
+    masks: tuple[PackedMask, ...]
+
+    def masks_at(self, size: tuple[int, int]) -> list[np.ndarray]:
+        """The masks as (H, W) bool at ``size`` = (width, height) pixels (nearest neighbour)."""
+        from backend.results import resize_mask
+
+        return [resize_mask(mask.unpack(), size) for mask in self.masks]
 
 
 def chosen_annotation(task: dict) -> dict | None:
@@ -55,46 +94,71 @@ def chosen_annotation(task: dict) -> dict | None:
 
 
 def region_mask(item: dict) -> np.ndarray | None:
-    """An LS result item -> (original_height, original_width) bool mask, None if not a mask."""
+    """An LS result item -> (original_height, original_width) bool mask; None if it is not a
+    mask region; :class:`AnnotationError` if it is one that cannot be decoded."""
     kind = item.get("type")
+    if kind not in MASK_TYPES:
+        return None
     width, height = item.get("original_width"), item.get("original_height")
     value = item.get("value") or {}
-    if kind not in MASK_TYPES or not isinstance(width, int) or not isinstance(height, int):
-        return None
-    if kind == "brushlabels":
-        from label_studio_sdk.converter.brush import decode_rle
+    if not isinstance(width, int) or not isinstance(height, int) or width < 1 or height < 1:
+        raise AnnotationError(f"{kind} region without a valid original_width/original_height")
+    if width * height > MAX_MASK_PIXELS:
+        raise AnnotationError(f"{kind} region of {width}x{height} pixels is too large")
+    try:
+        if kind == "brushlabels":
+            return _brush_mask(value.get("rle"), width, height)
+        if kind == "bitmasklabels":
+            return _bitmask_mask(value.get("imageDataURL"), width, height)
+        return _polygon_mask(value.get("points"), width, height)
+    except AnnotationError:
+        raise
+    except Exception as error:  # whatever a malformed value makes the decoders raise
+        raise AnnotationError(f"{kind} region cannot be decoded: {error}") from error
 
-        rle = value.get("rle")
-        if isinstance(rle, np.ndarray):  # this backend's own results (tests, predictions)
-            rle = rle.tolist()
-        if not isinstance(rle, list) or not rle:
-            return None
-        flat = np.asarray(decode_rle(rle), dtype=np.uint8)
-        if flat.size != width * height * 4:
-            return None
-        return flat.reshape(height, width, 4)[:, :, 3] > 0
-    if kind == "bitmasklabels":
-        from PIL import Image
 
-        url = value.get("imageDataURL") or ""
-        if "," not in url:
-            return None
-        with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as image:
-            array = np.asarray(image.convert("L").resize((width, height), Image.NEAREST))
-        return array > 0
+def _brush_mask(rle: object, width: int, height: int) -> np.ndarray:
+    from label_studio_sdk.converter.brush import decode_rle
+
+    if isinstance(rle, np.ndarray):  # this backend's own results (tests, predictions)
+        rle = rle.tolist()
+    if not isinstance(rle, list) or not rle:
+        raise AnnotationError("brushlabels region without an RLE")
+    flat = np.asarray(decode_rle(rle), dtype=np.uint8)
+    if flat.size != width * height * 4:
+        raise AnnotationError(
+            f"brushlabels RLE decodes to {flat.size} values, not {width}x{height}x4"
+        )
+    return flat.reshape(height, width, 4)[:, :, 3] > 0
+
+
+def _bitmask_mask(url: object, width: int, height: int) -> np.ndarray:
+    from PIL import Image
+
+    if not isinstance(url, str) or "," not in url:
+        raise AnnotationError("bitmasklabels region without an image data URL")
+    with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1], validate=True))) as image:
+        if image.width * image.height > MAX_MASK_PIXELS:
+            raise AnnotationError(f"bitmask of {image.width}x{image.height} pixels is too large")
+        array = np.asarray(image.convert("L").resize((width, height), Image.NEAREST))
+    return array > 0
+
+
+def _polygon_mask(points: object, width: int, height: int) -> np.ndarray:
     import cv2
 
-    points = np.asarray(value.get("points") or [], np.float64)
-    if points.ndim != 2 or len(points) < 3:
-        return None
-    pixels = np.round(points * [width / 100.0, height / 100.0]).astype(np.int32)
+    array = np.asarray(points if isinstance(points, list) else [], np.float64)
+    if array.ndim != 2 or array.shape[1] != 2 or len(array) < 3 or not np.isfinite(array).all():
+        raise AnnotationError("polygonlabels region without 3 or more finite [x, y] points")
+    pixels = np.round(array * [width / 100.0, height / 100.0]).astype(np.int32)
     mask = np.zeros((height, width), np.uint8)
     cv2.fillPoly(mask, [pixels], 1)
     return mask > 0
 
 
 def annotated_task(task: dict, config: ProjectConfig) -> AnnotatedTask | None:
-    """The task's instance masks on the project's image, or None when it has none."""
+    """The task's instance masks on the project's image, or None when it has none;
+    :class:`AnnotationError` when one of its mask regions cannot be decoded."""
     annotation = chosen_annotation(task)
     url = (task.get("data") or {}).get(config.image_data_key)
     if annotation is None or not isinstance(url, str):
@@ -105,7 +169,7 @@ def annotated_task(task: dict, config: ProjectConfig) -> AnnotatedTask | None:
             continue
         mask = region_mask(item)
         if mask is not None and int(mask.sum()) >= MIN_MASK_PIXELS:
-            masks.append(mask)
+            masks.append(PackedMask.pack(mask))
     if not masks:
         return None
     return AnnotatedTask(
@@ -115,6 +179,23 @@ def annotated_task(task: dict, config: ProjectConfig) -> AnnotatedTask | None:
         str(annotation.get("updated_at") or annotation.get("created_at") or ""),
         tuple(masks),
     )
+
+
+def sync_annotations(
+    tasks: Iterable[dict], config: ProjectConfig
+) -> tuple[list[AnnotatedTask], list[dict]]:
+    """LS tasks (read one at a time) -> (the tasks with masks, ``{"task", "reason"}`` of each
+    task skipped because a region of its annotation cannot be decoded)."""
+    kept, skipped = [], []
+    for task in tasks:
+        try:
+            annotated = annotated_task(task, config)
+        except AnnotationError as error:
+            skipped.append({"task": task.get("id"), "reason": str(error)})
+            continue
+        if annotated is not None:
+            kept.append(annotated)
+    return kept, skipped
 
 
 def snapshot_hash(tasks: list[AnnotatedTask]) -> str:

@@ -66,6 +66,42 @@ class LabelStudioApi:
         return self.client.projects.get(id=project)
 
     def tasks(self, project: int, fields: str = "all", page_size: int = 100) -> Iterator[dict]:
-        """Every task of a project as a plain dict (with annotations and predictions)."""
-        for task in self.client.tasks.list(project=project, fields=fields, page_size=page_size):
-            yield task.model_dump(mode="json") if hasattr(task, "model_dump") else dict(task)
+        """Every task of a project as a plain dict (``fields="all"``: with annotations and
+        predictions; ``"task_only"``: neither). One page (``page_size`` tasks) held at a time."""
+        from label_studio_sdk.errors import NotFoundError
+
+        seen, page = 0, 1
+        while True:
+            try:
+                pager = self.client.tasks.list(
+                    project=project, fields=fields, page=page, page_size=page_size
+                )
+            except NotFoundError:  # Django REST framework's answer to a page past the end
+                return
+            items = pager.items or []
+            for task in items:
+                yield _plain(task)
+            seen += len(items)
+            total = getattr(pager.response, "total", None)
+            if not items or (isinstance(total, int) and seen >= total):
+                return
+            page += 1
+
+    def annotated_tasks(self, project: int, page_size: int = 100) -> Iterator[dict]:
+        """Every task with annotations as ``{"id", "data", "annotations"}``, without predictions:
+        the task list without annotations, then each annotated task's annotations (a project's
+        predictions, often larger than all else, are never downloaded)."""
+        for task in self.tasks(project, fields="task_only", page_size=page_size):
+            if task.get("total_annotations") == 0:  # LS's count, skipped ones (cancelled) not in it
+                continue
+            annotations = self.client.annotations.list(id=int(task["id"]))
+            yield {
+                "id": task["id"],
+                "data": task.get("data") or {},
+                "annotations": [_plain(a) for a in annotations],
+            }
+
+
+def _plain(item: Any) -> dict:
+    """An SDK model -> a plain JSON dict."""
+    return item.model_dump(mode="json") if hasattr(item, "model_dump") else dict(item)

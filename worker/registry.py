@@ -12,9 +12,11 @@ Redis carries a copy for the processes that serve and route (the backend never t
 ``MODEL_DIR`` or torch): ``<prefix>:model:base`` (JSON of the base version, written by every
 worker at start-up), ``<prefix>:model:project:<id>`` (current version),
 ``<prefix>:model:versions`` (project -> its promoted versions, for ``/versions``) and
-``<prefix>:model:errors`` (versions a worker failed to load). Workers re-publish
-the disk state at start-up and whenever the ``<prefix>:model:published`` marker is gone (a Redis
-restart), so Redis is never the only copy of a model version.
+``<prefix>:model:errors`` (versions a worker failed to load). Workers re-publish the disk state
+at start-up and whenever Redis's copy differs from the disk (a Redis restart, a key lost or
+overwritten; checked by the periodic housekeeping), so Redis is never the only copy of a model
+version. History updates hold a file lock (``projects/<id>.json.lock``) across processes;
+version files are linked into place exclusively, never overwritten.
 
 Version strings are deterministic and readable: ``efficientsam-ti-1a2b3c4d`` for a base (variant
 + fingerprint of the weights), ``efficientsam-ti-1a2b3c4d+p7-ft2`` for project 7's second
@@ -23,6 +25,8 @@ promoted fine-tune. This module imports neither torch nor RQ.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -30,6 +34,7 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,7 +109,8 @@ class ModelRegistry:
         self.redis = redis
         self.prefix = f"{prefix}:model"
         self._lock = threading.Lock()
-        self._cache: dict[Path, tuple[float, dict]] = {}
+        self._write_lock = threading.Lock()
+        self._cache: dict[Path, tuple[tuple[int, int, int], dict]] = {}
         self._base_description: dict | None = None
         self._errors: dict[str, dict] = {}
 
@@ -125,10 +131,12 @@ class ModelRegistry:
 
     # -- project state -------------------------------------------------------------------------
     def project_state(self, project: str) -> dict:
-        """``{"current": version or None, "history": [...], "promoted": n}`` (cached by mtime)."""
+        """``{"current": version or None, "history": [...], "promoted": n}`` (cached by inode,
+        mtime and size: every write is a new file, so another process's write is always seen)."""
         path = self._project_path(project)
         try:
-            mtime = path.stat().st_mtime_ns
+            stat = path.stat()
+            mtime = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         except FileNotFoundError:
             return {"project": str(project), "current": None, "history": [], "promoted": 0}
         with self._lock:
@@ -177,17 +185,30 @@ class ModelRegistry:
                 decoded[key] = value
         return VersionInfo(version, path, decoded)
 
-    def record(self, project: str, event: dict, current: object = _UNCHANGED) -> dict:
-        """Append ``event`` to the project's history; set ``current`` (a version or None) when
-        given; an event that changes the version records the one it replaced as ``from``.
-        Atomic file replace; Redis is updated after the disk."""
-        with self._lock:
-            path = self._project_path(project)
+    @contextlib.contextmanager
+    def _project_lock(self, project: str) -> Iterator[Path]:
+        """Holds ``projects/<id>.json.lock`` (``fcntl.flock``, exclusive) and this object's thread
+        lock: one read-modify-write of the project's file at a time, across processes (a CLI
+        rollback and a train worker) and threads. Yields the project file's path."""
+        path = self._project_path(project)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._write_lock, open(path.with_name(path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield path
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _update(self, project: str, change: Callable[[dict], tuple[dict, object]]) -> dict:
+        """Under the project's lock: read its file, ``change(state)`` -> (event, current or
+        ``_UNCHANGED``), append the event, write the file atomically; then update Redis."""
+        with self._project_lock(project) as path:
             state = (
                 json.loads(path.read_text())
                 if path.exists()
                 else {"project": str(project), "current": None, "history": [], "promoted": 0}
             )
+            event, current = change(state)
             event = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **event}
             if current is not _UNCHANGED:
                 event.setdefault("from", state["current"])
@@ -197,29 +218,44 @@ class ModelRegistry:
                 state["promoted"] = int(state.get("promoted", 0)) + 1
             _write_json_atomically(path, state)
             self._cache.pop(path, None)
-        self._publish_project(str(project), state["current"])
+            # published under the lock: Redis ends with the version of the last writer
+            self._publish_project(str(project), state["current"])
         return state
+
+    def record(self, project: str, event: dict, current: object = _UNCHANGED) -> dict:
+        """Append ``event`` to the project's history; set ``current`` (a version or None) when
+        given; an event that changes the version records the one it replaced as ``from``.
+        Safe across processes (file lock around the read-modify-write, atomic replace); Redis
+        is updated after the disk."""
+        return self._update(project, lambda state: (event, current))
 
     def store_version(self, project: str, base_version: str, tensors: dict, metadata: dict) -> str:
         """Write a fine-tune's changed tensors as the project's next version (``...+p<id>-ft<n>``,
-        n = promotions so far + 1) and return its name. Metadata values are stored as JSON.
-        Written to a temporary file and renamed, so a crash never leaves half a version."""
+        n = promotions so far + 1, or the next free number) and return its name. Metadata values
+        are stored as JSON. Written to a temporary file, then linked to its name exclusively
+        (``os.link`` fails on an existing name): a crash never leaves half a version, and a
+        second run (another process) never overwrites a stored version, it takes the next n."""
         from safetensors.torch import save_file
 
         number = int(self.project_state(project).get("promoted", 0)) + 1
-        version = fine_tune_version(base_version, project, number)
-        while self.version_path(version).exists():  # a version promoted, then rolled back
-            number += 1
-            version = fine_tune_version(base_version, project, number)
-        path = self.version_path(version)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
         header = {key: json.dumps(value) for key, value in metadata.items()}
-        header.update({"version": json.dumps(version), "base": json.dumps(base_version)})
-        header["project"] = json.dumps(str(project))
-        temporary = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary), header)
-        os.replace(temporary, path)
-        return version
+        header.update({"base": json.dumps(base_version), "project": json.dumps(str(project))})
+        with tempfile.TemporaryDirectory(dir=self.versions_dir, prefix=".store-") as folder:
+            temporary = Path(folder) / "version.safetensors"
+            tensors = {k: v.contiguous() for k, v in tensors.items()}
+            while True:
+                version = fine_tune_version(base_version, project, number)
+                path = self.version_path(version)
+                if not path.exists():  # the version name is in the header: write per name
+                    save_file(tensors, str(temporary), {**header, "version": json.dumps(version)})
+                    try:
+                        os.link(temporary, path)
+                        return version
+                    except FileExistsError:  # taken meanwhile by another run
+                        pass
+                    temporary.unlink()
+                number += 1
 
     def promote(self, project: str, version: str, details: dict | None = None) -> dict:
         info = self.version_info(version)
@@ -236,21 +272,26 @@ class ModelRegistry:
 
     def rollback(self, project: str, to: str | None = None) -> dict:
         """Serve ``to`` (a version of this project, or None/"base" for the base model), or, when
-        ``to`` is not given, the version that was current before the current one."""
-        state = self.project_state(project)
-        if to in (None, ""):
-            previous = [
-                e.get("from")
-                for e in state["history"]
-                if e.get("event") in ("promoted", "rolled_back")
-                and e.get("version") == state["current"]
-            ]
-            to = previous[-1] if previous else None
-        elif to == "base":
-            to = None
+        ``to`` is not given, the version that was current before the current one (read under
+        the project's lock, so a promotion meanwhile is never rolled over)."""
+        previous_one = to in (None, "")
+        to = None if previous_one or to == "base" else to
         if to is not None and str(self.version_info(to).metadata.get("project")) != str(project):
             raise RegistryError(f"version {to} was not trained for project {project}")
-        return self.record(project, {"event": "rolled_back", "version": to}, current=to)
+
+        def change(state: dict) -> tuple[dict, object]:
+            target = to
+            if previous_one:
+                previous = [
+                    e.get("from")
+                    for e in state["history"]
+                    if e.get("event") in ("promoted", "rolled_back")
+                    and e.get("version") == state["current"]
+                ]
+                target = previous[-1] if previous else None
+            return {"event": "rolled_back", "version": target}, target
+
+        return self._update(project, change)
 
     # -- Redis copy ----------------------------------------------------------------------------
     def publish_base(self, description: dict) -> None:
@@ -270,20 +311,49 @@ class ModelRegistry:
             self.redis.set(key, version)
 
     def publish_all(self) -> int:
-        """Copy every project's current version to Redis; returns how many were set."""
+        """Copy every project's current version to Redis (and drop keys of projects the disk
+        does not have); returns how many were set."""
         if self.redis is None:
             return 0
         count = 0
-        for project in self.projects():
+        projects = self.projects()
+        for project in projects:
             current = self.project_state(project)["current"]
             self._publish_project(project, current)
             count += current is not None
+        known = {f"{self.prefix}:project:{project}" for project in projects}
+        for key in self.redis.scan_iter(match=f"{self.prefix}:project:*", count=1000):
+            if (key.decode() if isinstance(key, bytes) else key) not in known:
+                self.redis.delete(key)
         self.redis.set(f"{self.prefix}:published", str(time.time()))
         return count
 
+    def _published_differs(self) -> bool:
+        """Whether Redis's copy differs from the disk: any project's version (a key missing,
+        stale or left over) or the base description missing (its content is each worker's
+        own: workers of two checkpoints would take turns); one MGET and one SCAN."""
+        expected = {
+            f"{self.prefix}:project:{project}": self.project_state(project)["current"]
+            for project in self.projects()
+        }
+        keys = list(expected)
+        if self._base_description is not None and not self.redis.exists(f"{self.prefix}:base"):
+            return True
+        values = self.redis.mget(keys) if keys else []
+        for key, value in zip(keys, values, strict=True):
+            if (value.decode() if isinstance(value, bytes) else value) != expected[key]:
+                return True
+        present = {
+            key.decode() if isinstance(key, bytes) else key
+            for key in self.redis.scan_iter(match=f"{self.prefix}:project:*", count=1000)
+        }
+        return bool(present - {key for key, value in expected.items() if value is not None})
+
     def ensure_published(self) -> bool:
-        """Re-publish when Redis lost the copy (restart without persistence). True if it did."""
-        if self.redis is None or self.redis.exists(f"{self.prefix}:published"):
+        """Re-publish when Redis's copy differs from the disk (a Redis restart without
+        persistence, a flushed or overwritten key, a version promoted or rolled back by a
+        process without Redis). True if it did."""
+        if self.redis is None or not self._published_differs():
             return False
         if self._base_description is not None:
             self.publish_base(self._base_description)

@@ -3,6 +3,13 @@
 sync (LS API) -> split by task -> embeddings (frozen encoder, shared cache) -> train
 (``efficientsam.training.FineTuner``) -> evaluate the served version and the candidate on the
 same held-out prompts -> promote (new version file + registry) or reject (reason recorded).
+
+A task whose annotation cannot be decoded or whose image cannot be downloaded is skipped, its
+reason logged and listed in the run's report (``skipped_tasks``); the run goes on without it.
+The project's new-annotation count is forgotten only when the run succeeds (promoted, rejected
+or skipped for too little data), so a crashed run loses no trigger. A queued run is retried (RQ
+``Retry``) only for failures before training starts: from then on the job carries no retries,
+and an attempt that finds an earlier one got that far fails at once (:class:`Attempts`).
 """
 
 from __future__ import annotations
@@ -12,10 +19,10 @@ import statistics
 import time
 from typing import TYPE_CHECKING
 
+from backend.images import ImageError
 from backend.label_config import parse_label_config
-from backend.results import resize_mask
 
-from .annotations import annotated_task, snapshot_hash
+from .annotations import snapshot_hash, sync_annotations
 
 if TYPE_CHECKING:
     from .runtime import ModelRuntime
@@ -23,6 +30,48 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 METRICS = ("one_click_miou", "box_miou", "three_click_miou")
+REPORTED_SKIPS = 20  # skipped tasks listed with their reason in the report (all are counted)
+
+
+class TrainingAlreadyStarted(RuntimeError):
+    """A retry of a fine-tune job whose earlier attempt had started training: never run twice."""
+
+
+class Attempts:
+    """The RQ job's attempts: retries are allowed only until training starts.
+
+    When training starts, the job's remaining retries are set to 0 (in this process's job and in
+    Redis, for a worker that dies mid-run and whose job RQ's clean-up re-enqueues) and a marker
+    ``<prefix>:finetune:<job id>:training`` = the job's creation time is set; an attempt of the
+    same job (same creation time) that finds it refuses to run. No job (embedded mode): no-op."""
+
+    def __init__(self, job, prefix: str) -> None:
+        self.job = job
+        if job is not None:
+            self.key = f"{prefix}:finetune:{job.id}:training"
+            self.created = job.created_at.isoformat() if job.created_at else ""
+
+    def check(self) -> None:
+        """Raise :class:`TrainingAlreadyStarted` if an earlier attempt of this job trained."""
+        if self.job is None:
+            return
+        marker = self.job.connection.get(self.key)
+        if marker is not None and marker.decode() == self.created:
+            self._no_more_retries()
+            raise TrainingAlreadyStarted(
+                f"job {self.job.id}: an earlier attempt started training; a fine-tune is never "
+                "run twice by one job (the next trigger starts a new one)"
+            )
+
+    def training_started(self) -> None:
+        if self.job is None:
+            return
+        self.job.connection.set(self.key, self.created, ex=30 * 24 * 3600)
+        self._no_more_retries()
+
+    def _no_more_retries(self) -> None:
+        self.job.retries_left = 0
+        self.job.connection.hset(self.job.key, "retries_left", 0)
 
 
 def held_out_score(metrics: dict) -> float:
@@ -85,22 +134,34 @@ def run_finetune(runtime: ModelRuntime, project: str, trigger: str) -> dict:
 
     settings = runtime.settings
     progress = Progress(runtime, project)
+    attempts = Attempts(progress.job, settings.redis_key_prefix)
+    attempts.check()
     started = time.perf_counter()
     runtime.project_state.training_started(project)  # saves from now on count for the next run
     progress("sync", trigger=trigger)
     api = runtime.labelstudio
     config = parse_label_config(api.project(int(project)).label_config)
-    tasks = [t for t in (annotated_task(task, config) for task in api.tasks(int(project))) if t]
+    tasks, skipped = sync_annotations(api.annotated_tasks(int(project)), config)
+    for entry in skipped:
+        logger.warning("project %s: task %s skipped: %s", project, entry["task"], entry["reason"])
     masks = sum(len(t.masks) for t in tasks)
     if len(tasks) < max(2, settings.train_min_tasks):
         reason = (
             f"{len(tasks)} annotated task(s) with masks, {settings.train_min_tasks} needed "
             "(brush, bitmask or polygon regions; rectangles are not used)"
         )
-        runtime.registry.record(project, {"event": "skipped", "reason": reason, "trigger": trigger})
+        runtime.registry.record(
+            project,
+            {
+                "event": "skipped",
+                "reason": reason,
+                "trigger": trigger,
+                "skipped_tasks": _skips(skipped),
+            },
+        )
+        runtime.project_state.training_succeeded(project)
         progress.finish(result="skipped", reason=reason)
         return {"project": project, "status": "skipped", "reason": reason}
-    snapshot = snapshot_hash(tasks)
     train_ids, held_out_ids = split_by_task(
         [str(t.task_id) for t in tasks], settings.train_held_out_fraction, seed=0
     )
@@ -112,17 +173,41 @@ def run_finetune(runtime: ModelRuntime, project: str, trigger: str) -> dict:
     images = {}
     held_out_set = set(held_out_ids)
     for index, task in enumerate(tasks):
-        loaded = runtime.load_image(task.image_url, task.task_id)
+        try:
+            loaded = runtime.load_image(task.image_url, task.task_id)
+        except ImageError as error:
+            logger.warning("project %s: task %s skipped: %s", project, task.task_id, error)
+            skipped.append({"task": task.task_id, "reason": f"image: {error}"})
+            continue
         embedding = runtime.embed(start, loaded)
         keep_pixels = lora or str(task.task_id) in held_out_set  # other encoders' embeddings
         images[str(task.task_id)] = TrainingImage(
             image_id=str(task.task_id),
             embedding=embedding.embeddings.detach().float().cpu(),
-            masks=[resize_mask(m, loaded.size) for m in task.masks],
+            masks=task.masks_at(loaded.size),
             image=loaded.array if keep_pixels else None,
         )
         progress("embed", done=index + 1, total=len(tasks))
+    if len(images) < len(tasks):  # tasks whose image could not be had: split what is left
+        if len(images) < max(2, settings.train_min_tasks):  # nothing trained yet: RQ retries
+            raise RuntimeError(
+                f"project {project}: the images of only {len(images)} of {len(tasks)} tasks "
+                "could be downloaded: "
+                + "; ".join(f"task {e['task']}: {e['reason']}" for e in skipped[-REPORTED_SKIPS:])
+            )
+        tasks = [t for t in tasks if str(t.task_id) in images]
+        train_ids, held_out_ids = split_by_task(
+            [str(t.task_id) for t in tasks], settings.train_held_out_fraction, seed=0
+        )
+        for task in tasks:  # a task that moved to the held-out side: its pixels too
+            if str(task.task_id) in held_out_ids and images[str(task.task_id)].image is None:
+                images[str(task.task_id)].image = runtime.load_image(
+                    task.image_url, task.task_id
+                ).array
+        masks = sum(len(t.masks) for t in tasks)
+    snapshot = snapshot_hash(tasks)
 
+    attempts.training_started()  # from here on this job is never run again
     training_config = TrainingConfig(seed=0, lora_rank=settings.train_lora_rank)
     if settings.train_steps > 0:
         training_config.steps = settings.train_steps
@@ -162,6 +247,7 @@ def run_finetune(runtime: ModelRuntime, project: str, trigger: str) -> dict:
         "data_snapshot": snapshot,
         "tasks": {"train": len(train_ids), "held_out": len(held_out_ids)},
         "masks": masks,
+        "skipped_tasks": _skips(skipped),
         "metrics": {
             "base": base_metrics,
             "current": current_metrics,
@@ -190,6 +276,7 @@ def run_finetune(runtime: ModelRuntime, project: str, trigger: str) -> dict:
         runtime.registry.reject(project, f"candidate of {current.version}", reason, details)
         result = {"status": "rejected", "reason": reason}
         logger.info("project %s: candidate rejected: %s", project, reason)
+    runtime.project_state.training_succeeded(project)  # the outcome is recorded: forget the count
     seconds = time.perf_counter() - started
     progress.finish(
         result=result["status"],
@@ -198,6 +285,11 @@ def run_finetune(runtime: ModelRuntime, project: str, trigger: str) -> dict:
         seconds=round(seconds, 1),
     )
     return {"project": project, **result, **details, "seconds": round(seconds, 1)}
+
+
+def _skips(skipped: list[dict]) -> dict:
+    """The report's ``skipped_tasks``: how many, and the first few with their reason."""
+    return {"count": len(skipped), "tasks": skipped[:REPORTED_SKIPS]}
 
 
 def _summary(metrics: dict) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from backend.label_config import parse_label_config
 from backend.results import mask_results
@@ -64,3 +65,30 @@ def test_snapshot_hash_changes_with_the_data():
     assert first == snapshot_hash([annotated_task(task, CONFIG)])
     task["annotations"][0]["updated_at"] = "2026-02-01"
     assert snapshot_hash([annotated_task(task, CONFIG)]) != first
+
+
+def test_undecodable_regions_skip_their_task_with_the_reason():
+    from worker.annotations import AnnotationError, sync_annotations
+
+    good = mask_results(blob(), CONFIG.output, "Object", 0.9)[0]
+    bitmask = CONFIG.output.__class__("BitmaskLabels", "tag", "image", ("Object",))
+    bad_items = {
+        "short RLE": {**good, "value": {**good["value"], "rle": good["value"]["rle"][:-40]}},
+        "no RLE": {**good, "value": {"brushlabels": ["Object"]}},
+        "bitmask": {
+            **mask_results(blob(), bitmask, "Object", 0.9)[0],
+            "value": {"imageDataURL": "data:image/png;base64,bm90IGEgcG5n"},
+        },
+        "polygon": {**good, "type": "polygonlabels", "value": {"points": [[1, "x"], [2, 3]]}},
+        "size": {**good, "original_width": 10**6, "original_height": 10**6},
+    }
+    for name, item in bad_items.items():
+        with pytest.raises(AnnotationError):
+            region_mask(item)
+        task = {"id": 9, "data": {"image": "x"}, "annotations": [annotation(1, [good, item])]}
+        kept, skipped = sync_annotations([task], CONFIG)
+        assert kept == [] and skipped[0]["task"] == 9 and skipped[0]["reason"], name
+    kept, skipped = sync_annotations(
+        [{"id": 8, "data": {"image": "x"}, "annotations": [annotation(1, [good])]}], CONFIG
+    )
+    assert [t.task_id for t in kept] == [8] and skipped == []

@@ -49,6 +49,7 @@ def test_new_annotations_count_once_skip_cancelled_and_deletions(state):
     state.record("4", *annotation_events(created(7)))
     assert state.projects() == ["3", "4"] and state.new_annotations("4") == 1
     state.training_started("4")
+    state.training_succeeded("4")
     assert state.new_annotations("4") == 0
     state.record("4", *annotation_events(created(8)))
     assert state.new_annotations("4") == 1
@@ -60,3 +61,23 @@ def test_training_status(state):
     status = state.status("5")
     assert status["stage"] == "train" and status["step"] == 3 and "updated" in status
     assert "5" in state.statuses()
+
+
+def test_the_count_is_forgotten_only_when_a_run_succeeds(state):
+    """A run takes the ids counted when it starts; they still count while it runs and after it
+    crashes (the next run takes them again), and are forgotten only when one succeeds. An
+    annotation saved (again) while a run trains counts for the next run; a deleted one never."""
+    for annotation_id in (1, 2, 3):
+        state.record("6", *annotation_events(created(annotation_id)))
+    state.training_started("6")
+    assert state.new_annotations("6") == 3  # still counted while the run trains
+    state.record("6", *annotation_events(created(4)))  # saved during the run
+    state.record("6", *annotation_events(created(1)))  # updated during the run
+    deleted = {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 2}]}
+    assert state.record("6", *annotation_events(deleted)) == 3
+    # the run crashed (no training_succeeded): a retry or the next run starts with all of them
+    state.training_started("6")
+    assert state.new_annotations("6") == 3
+    state.record("6", *annotation_events(created(5)))
+    state.training_succeeded("6")
+    assert state.new_annotations("6") == 1  # 5, saved while the second run trained
