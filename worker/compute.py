@@ -13,8 +13,9 @@ everything", ~8 s). So background work is cut into pieces at *checkpoints*: the 
 * on the compute thread, inside background work: waiting clicks run inline, at once (same
   thread, same OpenMP team), then the background work goes on where it was; past its deadline
   the background work stops with :class:`DeadlineExceeded`;
-* on another thread (a fine-tune's training thread): it waits while clicks are queued or
-  running, so a training step never competes with a click for the cores.
+* on another thread (a fine-tune's training thread): it waits while the compute thread has
+  work (queued or running), so training takes only the time that clicks and batch tasks leave
+  and never competes with them for the cores between two of its checkpoints.
 
 Torch-free; the hooks are plain functions (a deep copy of a hooked module keeps them).
 """
@@ -57,6 +58,7 @@ class ComputeThread:
         self._order = itertools.count()
         self._changed = threading.Condition()
         self._urgent_running = 0
+        self._running = 0  # items being executed (nested: a click inside batch work)
         self._closed = False
         self._local = threading.local()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -96,8 +98,8 @@ class ComputeThread:
             if deadline is not None and time.monotonic() > deadline:
                 raise DeadlineExceeded("the time budget of this work is used up")
             return
-        with self._changed:  # another thread (training): stand back while clicks run
-            while not self._closed and (self._urgent_running or self._urgent_waiting()):
+        with self._changed:  # another thread (training): stand back while there is work
+            while not self._closed and (self._running or self._heap):
                 self._changed.wait(0.05)
 
     def attach(self, modules) -> list:
@@ -134,19 +136,19 @@ class ComputeThread:
         state = self._local
         outer = (getattr(state, "priority", URGENT), getattr(state, "deadline", None))
         state.priority, state.deadline = priority, deadline
-        if priority == URGENT:
-            with self._changed:
-                self._urgent_running += 1
+        with self._changed:
+            self._running += 1
+            self._urgent_running += priority == URGENT
         try:
             future.set_result(function())
         except BaseException as error:  # handed to the caller
             future.set_exception(error)
         finally:
             state.priority, state.deadline = outer
-            if priority == URGENT:
-                with self._changed:
-                    self._urgent_running -= 1
-                    self._changed.notify_all()
+            with self._changed:
+                self._running -= 1
+                self._urgent_running -= priority == URGENT
+                self._changed.notify_all()
 
     def _loop(self) -> None:
         while True:

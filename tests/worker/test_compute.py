@@ -79,7 +79,8 @@ def test_run_uses_the_callers_work_class(compute):
     assert compute.run(compute.checkpoint) is None  # default: background, no deadline
 
 
-def test_another_thread_waits_at_its_checkpoints_while_a_click_runs(compute):
+@pytest.mark.parametrize("priority", [URGENT, BACKGROUND])
+def test_another_thread_waits_at_its_checkpoints_while_work_runs(compute, priority):
     click_running = threading.Event()
     finish_click = threading.Event()
     events = []
@@ -89,7 +90,7 @@ def test_another_thread_waits_at_its_checkpoints_while_a_click_runs(compute):
         finish_click.wait(10)
         events.append("click done")
 
-    future = compute.submit(click, URGENT)
+    future = compute.submit(click, priority)
     assert click_running.wait(10)
 
     def training_step():
