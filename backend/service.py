@@ -225,14 +225,14 @@ class SegmentationService:
         body = {"status": "UP", "model_class": "EfficientSam"}
         try:
             body.update(self.transport.status())
+            errors = self.transport.version_errors()
+            if errors:  # named whether or not other versions still serve
+                body["version_errors"] = {version: e["error"] for version, e in errors.items()}
             if not body.get("model_ready"):  # a click would wait and fail: say so
                 return {**body, "status": "DOWN"}, 503
             body["model_version"] = self.transport.model_version(None)
-            errors = self.transport.version_errors()
         except TransportError as error:
             return {**body, "status": "DOWN", "reason": str(error)}, error.status
-        if errors:  # other versions still serve: up, with the broken ones named
-            body["version_errors"] = {version: e["error"] for version, e in errors.items()}
         return body, 200
 
     def setup(self, payload: dict) -> dict:

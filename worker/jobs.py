@@ -177,6 +177,10 @@ def autolabel(request: dict, runtime: ModelRuntime | None = None) -> dict:
     seconds = time.perf_counter() - started
     if not write_back:
         return entry
+    # Checked again right before the write: another worker may have run this job meanwhile (a
+    # retry after this worker lost Redis for longer than a heartbeat TTL).
+    if runtime.labelstudio.prediction_exists(task_id, served.version):
+        return {"task": task_id, "status": "exists", "model_version": served.version}
     prediction = runtime.labelstudio.create_prediction(
         task_id, entry["result"], entry["score"], served.version
     )
