@@ -269,12 +269,15 @@ class ModelRuntime:
         return segmentations, embedding, seconds
 
     def automatic_masks(self, served: ServedModel, image: LoadedImage, points_per_side: int):
-        """ "Segment everything" masks of the image (``efficientsam.automatic``), best first."""
+        """ "Segment everything" masks of the image (``efficientsam.automatic``), best first,
+        their segmentations as COCO RLE (``AutomaticMask.binary_mask()`` decodes one)."""
         from efficientsam.automatic import AutomaticMaskGenerator
 
         def work():
             embedding = served.predictor.embed(image.array, image.content_hash)
-            generator = AutomaticMaskGenerator(served.predictor, points_per_side=points_per_side)
+            generator = AutomaticMaskGenerator(  # COCO RLE: ~KBs per mask, not H*W bytes
+                served.predictor, points_per_side=points_per_side, output_mode="coco_rle"
+            )
             return generator.generate(embedding)
 
         return self.compute(work)

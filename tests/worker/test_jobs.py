@@ -4,6 +4,8 @@ served without a restart."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -101,6 +103,25 @@ def test_autolabel_boxes_and_automatic(runtime):
     )
     assert all(r["value"]["brushlabels"] == ["Object"] for r in everything["result"])
     assert all(decode_brush(r).shape == (480, 640) for r in everything["result"])
+
+
+@pytest.mark.slow
+def test_autolabel_everything_on_a_12_mp_image_has_a_bounded_peak_memory():
+    """The embedded job path on a 4000x3000 image, ~35 masks kept (a stand-in decoder gives one
+    disc per grid point: see the probe): masks stay COCO RLE until each is turned into its LS
+    result, so the job's peak RSS growth stays below 16 bytes per image pixel (as (H, W)
+    arrays the masks alone would need 12 MB each)."""
+    height, width = 3000, 4000
+    command = [sys.executable, "-m", "tests.worker.autolabel_memory_probe", "3000", "4000", "6"]
+    output = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert output.returncode == 0, output.stderr[-2000:]
+    measured = json.loads(output.stdout.strip().splitlines()[-1])
+    assert measured["error"] is None and measured["sizes"] == [[width, height]]
+    if measured["peak_growth_bytes"] is None:
+        pytest.skip("the peak RSS cannot be reset here (no /proc/self/clear_refs)")
+    bound = 16 * height * width
+    assert measured["regions"] * height * width > bound
+    assert measured["peak_growth_bytes"] < bound, measured
 
 
 def test_autolabel_failures(runtime):
