@@ -270,8 +270,12 @@ class ModelRuntime:
 
     def automatic_masks(self, served: ServedModel, image: LoadedImage, points_per_side: int):
         """ "Segment everything" masks of the image (``efficientsam.automatic``), best first,
-        their segmentations as COCO RLE (``AutomaticMask.binary_mask()`` decodes one)."""
+        their segmentations as COCO RLE (``AutomaticMask.binary_mask()`` decodes one).
+        points_per_side 0: 32 on a GPU, 16 on a CPU."""
         from efficientsam.automatic import AutomaticMaskGenerator
+
+        if points_per_side <= 0:  # AUTOLABEL_POINTS_PER_SIDE=0: by device
+            points_per_side = 32 if served.predictor.model.device.type == "cuda" else 16
 
         def work():
             embedding = served.predictor.embed(image.array, image.content_hash)

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from backend.settings import Settings
 from tests.backend.conftest import LEGACY_TOKEN, decode_brush
 from tests.conftest import TI_CHECKPOINT
+from tests.worker.autolabel_memory_probe import disc_decoder
 from tests.worker.conftest import IMAGE
 from worker import jobs
 from worker.registry import fine_tune_version
@@ -103,6 +104,22 @@ def test_autolabel_boxes_and_automatic(runtime):
     )
     assert all(r["value"]["brushlabels"] == ["Object"] for r in everything["result"])
     assert all(decode_brush(r).shape == (480, 640) for r in everything["result"])
+
+
+def test_autolabel_everything_grid_by_device(runtime, monkeypatch):
+    # points_per_side 0 (AUTOLABEL_POINTS_PER_SIDE's default): 16x16 on a CPU. A decoder that
+    # gives one confident disc per point (random weights pass no threshold) counts the points.
+    monkeypatch.setattr(runtime.base.predictor.model, "predict_masks", disc_decoder)
+    request = {
+        "project": "1",
+        "task": {"id": 1, "image": IMAGE, "boxes": []},
+        "mode": "everything",
+        "points_per_side": 0,
+        "output": OUTPUT,
+    }
+    entry = jobs.autolabel(request, runtime=runtime)
+    assert "error" not in entry and len(entry["result"]) == 16 * 16
+    assert len(jobs.autolabel({**request, "points_per_side": 3}, runtime=runtime)["result"]) == 9
 
 
 @pytest.mark.slow
