@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,36 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench_workers import CHECKPOINT  # noqa: E402 (the shared fixture's path)
 
-from efficientsam.benchmark import machine_description  # noqa: E402
+from efficientsam.benchmark import machine_description, run_everything_probe  # noqa: E402
 
 MODES = ("binary_mask", "coco_rle")
 MIB = 1024**2
-
-
-def run_mode(mode: str, size: tuple[int, int], points_per_side: int, threads: int) -> dict:
-    """One fresh process for ``mode``; its JSON line."""
-    command = [
-        sys.executable,
-        "-m",
-        "efficientsam.benchmark",
-        "everything",
-        "--checkpoint",
-        str(CHECKPOINT),
-        "--height",
-        str(size[0]),
-        "--width",
-        str(size[1]),
-        "--points-per-side",
-        str(points_per_side),
-        "--output-mode",
-        mode,
-        "--threads",
-        str(threads),
-    ]
-    output = subprocess.run(
-        command, capture_output=True, text=True, check=True, timeout=3600, cwd=ROOT
-    )
-    return json.loads(output.stdout.strip().splitlines()[-1])
 
 
 def to_markdown(results: dict) -> str:
@@ -98,7 +71,9 @@ def main() -> None:
         "points_per_side": args.points_per_side,
     }
     for mode in MODES:
-        results[mode] = run_mode(mode, size, args.points_per_side, args.threads)
+        results[mode] = run_everything_probe(
+            CHECKPOINT, size, args.points_per_side, mode, args.threads
+        )
         print(json.dumps(results[mode]), flush=True)
     table = to_markdown(results)
     print(table)

@@ -355,6 +355,38 @@ def everything_memory_probe(
     }
 
 
+def run_everything_probe(
+    checkpoint: Path | None,
+    size: tuple[int, int],
+    points_per_side: int,
+    output_mode: str,
+    threads: int,
+    masks_per_point: int = 1,
+    points_per_batch: int = 16,
+    timeout: float = 3600,
+) -> dict:
+    """:func:`everything_memory_probe` in a fresh process (so that its peak RSS is its own);
+    RuntimeError with the end of its stderr when it fails."""
+    command = [sys.executable, "-m", "efficientsam.benchmark", "everything"]
+    if checkpoint is not None:
+        command += ["--checkpoint", str(checkpoint)]
+    options = {
+        "--height": size[0],
+        "--width": size[1],
+        "--points-per-side": points_per_side,
+        "--points-per-batch": points_per_batch,
+        "--masks-per-point": masks_per_point,
+        "--output-mode": output_mode,
+        "--threads": threads,
+    }
+    for name, value in options.items():
+        command += [name, str(value)]
+    output = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if output.returncode != 0:
+        raise RuntimeError(f"everything probe failed: {output.stderr[-2000:]}")
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
 def _peak_rss(variant: str, checkpoint: Path | None, baseline: bool, threads: int) -> float:
     command = [
         sys.executable,

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import cv2
 import numpy as np
@@ -25,6 +23,7 @@ from efficientsam.automatic import (
     remove_small_regions,
     stability_score,
 )
+from efficientsam.benchmark import run_everything_probe
 from efficientsam.predictor import Predictor
 from efficientsam.prompts import Prompt
 from efficientsam.utils import mask_to_box
@@ -462,31 +461,16 @@ def test_coco_rle_peak_memory_does_not_grow_with_the_number_of_masks(ti_checkpoi
     of 12 MB each as arrays): with COCO RLE the generator's peak RSS growth stays below a bound
     of 16 bytes per image pixel (one upscale chunk of float32 logits, the clean-up's labels)."""
     height, width = 3000, 4000
-    command = [
-        sys.executable,
-        "-m",
-        "efficientsam.benchmark",
-        "everything",
-        "--checkpoint",
-        str(ti_checkpoint),
-        "--height",
-        str(height),
-        "--width",
-        str(width),
-        "--points-per-side",
-        "3",
-        "--masks-per-point",
-        "3",
-        "--points-per-batch",
-        "3",  # small decoder activations, so the masks' memory is what is measured
-        "--output-mode",
-        "coco_rle",
-        "--threads",
-        "2",
-    ]
-    output = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert output.returncode == 0, output.stderr[-2000:]
-    measured = json.loads(output.stdout.strip().splitlines()[-1])
+    measured = run_everything_probe(
+        ti_checkpoint,
+        (height, width),
+        points_per_side=3,
+        output_mode="coco_rle",
+        threads=2,
+        masks_per_point=3,
+        points_per_batch=3,  # small decoder activations, so the masks' memory is what is measured
+        timeout=300,
+    )
     if measured["peak_growth_bytes"] is None:
         pytest.skip("the peak RSS cannot be reset here (no /proc/self/clear_refs)")
     bound = 16 * height * width
