@@ -12,9 +12,12 @@ generator without crops):
    ``pred_iou_thresh``, stability score > ``stability_score_thresh`` (an empty mask scores 0,
    so it never passes);
 3. greedy box NMS (higher predicted IoU first) on boxes of the low-res masks;
-4. only the kept masks are upscaled to the image size (bicubic, threshold 0), optionally cleaned
-   of small islands and holes, and a final NMS on their exact boxes removes the duplicates that
-   the upscale/clean-up can create (as SAM does after its clean-up).
+4. only the kept masks are upscaled to the image size (bicubic, threshold 0), a bounded chunk
+   at a time, and each is optionally cleaned of small islands and holes, measured (area, exact
+   box) and stored in the output mode: an (H, W) bool array ("binary_mask") or a COCO RLE
+   ("coco_rle", as SAM's ``output_mode``), so that with "coco_rle" the peak memory is one chunk
+   plus compact RLEs, not (masks x image pixels); a final NMS on the exact boxes removes the
+   duplicates that the upscale/clean-up can create (as SAM does after its clean-up).
 
 Pixel coordinates are (x, y) of the original image. Boxes are (x0, y0, x1, y1) pixel edges:
 a box holds columns x0 .. x1 - 1 and rows y0 .. y1 - 1, so its width is x1 - x0.
@@ -29,28 +32,40 @@ from typing import Literal
 import cv2
 import numpy as np
 import torch
+from pycocotools import mask as coco_mask
 
 from .predictor import ImageEmbedding, Predictor
 
 UPSCALE_CHUNK_BYTES = 64 * 1024**2  # float32 logits upscaled at once (bounds the peak memory)
+OUTPUT_MODES = ("binary_mask", "coco_rle")
+OutputMode = Literal["binary_mask", "coco_rle"]
 
 
 @dataclass(frozen=True, eq=False)
 class AutomaticMask:
     """One mask found by :class:`AutomaticMaskGenerator`.
 
-    segmentation (H, W) bool at the original image size; area: its pixel count; bbox
+    segmentation: the mask at the original image size, (H, W) bool ("binary_mask" output mode)
+    or a COCO RLE ``{"size": [H, W], "counts": str}`` ("coco_rle", ~KBs instead of H*W bytes);
+    :meth:`binary_mask` gives the array in both modes. area: its pixel count; bbox
     (x0, y0, x1, y1) pixel edges of its tight box (width x1 - x0); predicted_iou: the decoder's
     raw IoU prediction; stability_score in [0, 1] on the low-res logits; point (x, y) pixels:
     the grid point that prompted it. Compared by identity (it holds an array).
     """
 
-    segmentation: np.ndarray
+    segmentation: np.ndarray | dict
     area: int
     bbox: tuple[int, int, int, int]
     predicted_iou: float
     stability_score: float
     point: tuple[float, float]
+
+    def binary_mask(self) -> np.ndarray:
+        """The (H, W) bool mask: the segmentation itself, or its COCO RLE decoded (a new array,
+        H*W bytes: decode one mask at a time to keep the memory low)."""
+        if isinstance(self.segmentation, np.ndarray):
+            return self.segmentation
+        return np.ascontiguousarray(coco_mask.decode(self.segmentation)).view(bool)
 
 
 @dataclass(frozen=True)
@@ -59,7 +74,8 @@ class GenerationTimings:
 
     encoder: 0 when the embedding was given or came from the cache; decode: all decoder calls;
     filter: IoU/stability/empty filters, low-res boxes and the first NMS; upscale: the kept masks
-    to the image size; postprocess: small-region clean-up, exact boxes, final NMS and outputs.
+    to the image size; postprocess: small-region clean-up, exact boxes, storing the masks in the
+    output mode (COCO RLE encoding), final NMS and outputs.
     """
 
     encoder_seconds: float
@@ -98,6 +114,12 @@ class AutomaticMaskGenerator:
     The low-res logits of every candidate that passes the filters (256 KiB each) are kept until
     the NMS, at most points_per_side**2 * masks_per_point of them.
 
+    output_mode: "binary_mask" (default) returns (H, W) bool segmentations; "coco_rle" returns
+    COCO RLE dicts (pycocotools) with the same masks, areas, boxes and scores. Masks reach the
+    image size one bounded chunk at a time (``UPSCALE_CHUNK_BYTES`` of float32 logits: one mask
+    at 12 MP), so with "coco_rle" the peak memory grows with the image's pixels, not with the
+    number of masks times the pixels (~12 MB per kept mask at 12 MP with "binary_mask").
+
     Thread-safe: the generator holds only its settings; :meth:`run` returns its timings.
     """
 
@@ -112,6 +134,7 @@ class AutomaticMaskGenerator:
         box_nms_thresh: float = 0.7,
         min_mask_region_area: int = 100,
         masks_per_point: int = 1,
+        output_mode: OutputMode = "binary_mask",
     ) -> None:
         if points_per_side < 1:
             raise ValueError(f"points_per_side must be >= 1, got {points_per_side}")
@@ -130,6 +153,8 @@ class AutomaticMaskGenerator:
             raise ValueError(f"min_mask_region_area must be >= 0, got {min_mask_region_area}")
         if not 1 <= masks_per_point <= 3:
             raise ValueError(f"masks_per_point must be 1, 2 or 3, got {masks_per_point}")
+        if output_mode not in OUTPUT_MODES:
+            raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}")
         self.predictor = predictor
         self.points_per_side = int(points_per_side)
         self.points_per_batch = int(points_per_batch)
@@ -139,6 +164,7 @@ class AutomaticMaskGenerator:
         self.box_nms_thresh = float(box_nms_thresh)
         self.min_mask_region_area = int(min_mask_region_area)
         self.masks_per_point = int(masks_per_point)
+        self.output_mode = output_mode
 
     def generate(self, image_or_embedding: np.ndarray | ImageEmbedding) -> list[AutomaticMask]:
         """Masks of an HxWx3 uint8 RGB image (embedded through the predictor's cache) or of an
@@ -161,12 +187,10 @@ class AutomaticMaskGenerator:
             num_candidates = len(candidates.iou)
             candidates = candidates.select(self._low_res_nms(candidates, size))
             filter_seconds += _elapsed(tick, candidates.iou.device)
-            tick = time.perf_counter()
-            masks = self._upscale(candidates.logits, size)
-            upscale_seconds = time.perf_counter() - tick
+            stored, upscale_seconds, postprocess_seconds = self._full_size(candidates.logits, size)
         tick = time.perf_counter()
-        results = self._finish(masks, candidates, points)
-        postprocess_seconds = time.perf_counter() - tick
+        results = self._finish(stored, candidates, points)
+        postprocess_seconds += time.perf_counter() - tick
         timings = GenerationTimings(
             encoder_seconds=encoder_seconds,
             decode_seconds=decode_seconds,
@@ -226,35 +250,57 @@ class AutomaticMaskGenerator:
         scale = boxes.new_tensor([width / low_res_w, height / low_res_h] * 2)
         return nms(boxes * scale, candidates.iou, self.box_nms_thresh)
 
-    def _upscale(self, logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-        """Low-res logits (K, h, w) -> (K, H, W) bool masks, a bounded chunk at a time."""
+    def _full_size(
+        self, logits: torch.Tensor, size: tuple[int, int]
+    ) -> tuple[_Stored, float, float]:
+        """Low-res logits (K, h, w) -> the K masks at the image size (H, W), upscaled a bounded
+        chunk at a time; each cleaned, measured and stored (:meth:`_store`) before the next
+        chunk. Returns them with the upscale and post-processing seconds."""
         height, width = size
         threshold = float(self.predictor.model.mask_threshold)
         chunk = max(1, UPSCALE_CHUNK_BYTES // (4 * height * width))
-        masks = np.zeros((len(logits), height, width), bool)
+        stored = _Stored([], [], [])
+        upscale_seconds = postprocess_seconds = 0.0
         for start in range(0, len(logits), chunk):
+            tick = time.perf_counter()
             upscaled = self.predictor.upscale_logits(logits[start : start + chunk], size)
-            masks[start : start + chunk] = (upscaled >= threshold).cpu().numpy()
-        return masks
+            masks = (upscaled >= threshold).cpu().numpy()  # (chunk, H, W)
+            del upscaled
+            upscale_seconds += time.perf_counter() - tick
+            tick = time.perf_counter()
+            for mask in masks:
+                self._store(mask, stored)
+            del masks
+            postprocess_seconds += time.perf_counter() - tick
+        return stored, upscale_seconds, postprocess_seconds
+
+    def _store(self, mask: np.ndarray, stored: _Stored) -> None:
+        """Small-region clean-up of one (H, W) bool mask, then its area, exact box and the mask
+        in the output mode, appended to ``stored``."""
+        if self.min_mask_region_area > 0:
+            mask, _ = remove_small_regions(mask, self.min_mask_region_area, "holes")
+            mask, _ = remove_small_regions(mask, self.min_mask_region_area, "islands")
+        stored.areas.append(int(np.count_nonzero(mask)))
+        stored.boxes.append(masks_to_boxes(torch.from_numpy(mask[None]))[0])
+        if self.output_mode == "coco_rle":
+            stored.segmentations.append(encode_coco_rle(mask))
+        else:  # its own array: not a view that would keep the whole chunk alive
+            stored.segmentations.append(mask.copy() if mask.base is not None else mask)
 
     def _finish(
-        self, masks: np.ndarray, candidates: _Candidates, points: np.ndarray
+        self, stored: _Stored, candidates: _Candidates, points: np.ndarray
     ) -> list[AutomaticMask]:
-        """Small-region clean-up, exact boxes, final NMS (drops empty masks), outputs."""
-        if self.min_mask_region_area > 0:
-            for index in range(len(masks)):
-                mask, _ = remove_small_regions(masks[index], self.min_mask_region_area, "holes")
-                masks[index], _ = remove_small_regions(mask, self.min_mask_region_area, "islands")
+        """Final NMS on the exact boxes (drops empty masks), outputs."""
         iou = candidates.iou.cpu().numpy()
         stability = candidates.stability.cpu().numpy()
         point = points[candidates.point_index.cpu().numpy()]
-        areas = np.count_nonzero(masks, axis=(1, 2))
-        boxes = masks_to_boxes(torch.from_numpy(masks))
+        areas = np.array(stored.areas, dtype=np.int64)
+        boxes = torch.stack(stored.boxes) if stored.boxes else torch.zeros(0, 4, dtype=torch.int64)
         not_empty = np.flatnonzero(areas > 0)
         order = nms(boxes[not_empty], torch.from_numpy(iou[not_empty]), self.box_nms_thresh)
         return [
             AutomaticMask(
-                segmentation=masks[i].copy(),
+                segmentation=stored.segmentations[i],
                 area=int(areas[i]),
                 bbox=tuple(int(v) for v in boxes[i].tolist()),
                 predicted_iou=float(iou[i]),
@@ -283,6 +329,24 @@ class _Candidates:
     def select(self, index: torch.Tensor) -> _Candidates:
         index = index.to(self.iou.device)
         return _Candidates(*(getattr(self, field.name)[index] for field in fields(self)))
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """The kept candidates at the image size, in candidate order: segmentations in the output
+    mode, pixel counts and exact (x0, y0, x1, y1) boxes (int64 tensors of shape (4,))."""
+
+    segmentations: list[np.ndarray | dict]
+    areas: list[int]
+    boxes: list[torch.Tensor]
+
+
+def encode_coco_rle(mask: np.ndarray) -> dict:
+    """(H, W) bool mask -> COCO RLE ``{"size": [H, W], "counts": str}`` (pycocotools'
+    column-major compressed counts, as text so that it serialises to JSON; decode with
+    ``pycocotools.mask.decode`` or :meth:`AutomaticMask.binary_mask`)."""
+    rle = coco_mask.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def build_point_grid(points_per_side: int, size: tuple[int, int]) -> np.ndarray:

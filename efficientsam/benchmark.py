@@ -255,6 +255,138 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux: /proc/self/clear_refs),
+    so that :func:`peak_rss_bytes` measures from here on. False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def current_rss_bytes() -> int:
+    """This process's resident set size now (VmRSS); 0 where /proc is missing."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+# Random weights predict IoU in ~[-0.5, 0.5] and weak logits: these keep every candidate (no NMS),
+# the worst case for memory: points_per_side**2 * masks_per_point masks at the image size.
+KEEP_EVERYTHING = {
+    "pred_iou_thresh": 0.0,
+    "stability_score_thresh": 0.0,
+    "stability_score_offset": 0.1,
+    "box_nms_thresh": 1.0,
+}
+
+
+def synthetic_image(height: int, width: int) -> np.ndarray:
+    """An HxWx3 uint8 RGB image of gradients and 500-pixel squares (compresses well as PNG)."""
+    rows = np.arange(height, dtype=np.int64)[:, None]
+    columns = np.arange(width, dtype=np.int64)[None, :]
+    image = np.empty((height, width, 3), np.uint8)
+    image[..., 0] = columns * 255 // max(width - 1, 1)
+    image[..., 1] = rows * 255 // max(height - 1, 1)
+    image[..., 2] = ((columns // 500 + rows // 500) % 2) * 200
+    return image
+
+
+def everything_memory_probe(
+    checkpoint: Path | None,
+    size: tuple[int, int],
+    points_per_side: int,
+    masks_per_point: int,
+    output_mode: str,
+    threads: int,
+    points_per_batch: int = 16,
+) -> dict:
+    """Run in a fresh process: segment everything on a synthetic (H, W) image with
+    :data:`KEEP_EVERYTHING`. The image is embedded first, then the peak RSS is reset, so
+    ``peak_growth_bytes`` is the generator's own peak over the RSS before it ran."""
+    from .automatic import AutomaticMaskGenerator
+
+    torch.set_num_threads(threads)
+    keep_freed_memory_for_reuse()
+    predictor = Predictor(_model("ti", checkpoint, torch.device("cpu")))
+    embedding = predictor.embed(synthetic_image(*size))
+    generator = AutomaticMaskGenerator(
+        predictor,
+        points_per_side=points_per_side,
+        points_per_batch=points_per_batch,
+        masks_per_point=masks_per_point,
+        output_mode=output_mode,
+        **KEEP_EVERYTHING,
+    )
+    reset = reset_peak_rss()
+    before = current_rss_bytes()
+    started = time.perf_counter()
+    result = generator.run(embedding)
+    seconds = time.perf_counter() - started
+    peak = peak_rss_bytes()
+    stored = sum(
+        mask.segmentation.nbytes
+        if isinstance(mask.segmentation, np.ndarray)
+        else len(mask.segmentation["counts"])
+        for mask in result.masks
+    )
+    timings = result.timings
+    return {
+        "output_mode": output_mode,
+        "image_size": list(size),
+        "points_per_side": points_per_side,
+        "points_per_batch": points_per_batch,
+        "masks_per_point": masks_per_point,
+        "masks": len(result.masks),
+        "seconds": round(seconds, 3),
+        "decode_seconds": round(timings.decode_seconds, 3),
+        "upscale_seconds": round(timings.upscale_seconds, 3),
+        "postprocess_seconds": round(timings.postprocess_seconds, 3),
+        "stored_mask_bytes": stored,
+        "rss_before_bytes": before,
+        "peak_rss_bytes": peak,
+        "peak_growth_bytes": peak - before if reset else None,
+    }
+
+
+def run_everything_probe(
+    checkpoint: Path | None,
+    size: tuple[int, int],
+    points_per_side: int,
+    output_mode: str,
+    threads: int,
+    masks_per_point: int = 1,
+    points_per_batch: int = 16,
+    timeout: float = 3600,
+) -> dict:
+    """:func:`everything_memory_probe` in a fresh process (so that its peak RSS is its own);
+    RuntimeError with the end of its stderr when it fails."""
+    command = [sys.executable, "-m", "efficientsam.benchmark", "everything"]
+    if checkpoint is not None:
+        command += ["--checkpoint", str(checkpoint)]
+    options = {
+        "--height": size[0],
+        "--width": size[1],
+        "--points-per-side": points_per_side,
+        "--points-per-batch": points_per_batch,
+        "--masks-per-point": masks_per_point,
+        "--output-mode": output_mode,
+        "--threads": threads,
+    }
+    for name, value in options.items():
+        command += [name, str(value)]
+    output = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if output.returncode != 0:
+        raise RuntimeError(f"everything probe failed: {output.stderr[-2000:]}")
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
 def _peak_rss(variant: str, checkpoint: Path | None, baseline: bool, threads: int) -> float:
     command = [
         sys.executable,
@@ -438,8 +570,31 @@ def _probe_main(argv: Sequence[str] | None = None) -> None:
     probe.add_argument("--checkpoint", type=Path)
     probe.add_argument("--baseline", action="store_true", help="reference-style model path")
     probe.add_argument("--threads", type=int, default=2)
+    everything = commands.add_parser(
+        "everything", help="segment-everything memory probe (run in a fresh process)"
+    )
+    everything.add_argument("--checkpoint", type=Path)
+    everything.add_argument("--height", type=int, default=3000)
+    everything.add_argument("--width", type=int, default=4000)
+    everything.add_argument("--points-per-side", type=int, default=16)
+    everything.add_argument("--points-per-batch", type=int, default=16)
+    everything.add_argument("--masks-per-point", type=int, default=1)
+    everything.add_argument("--output-mode", choices=("binary_mask", "coco_rle"), required=True)
+    everything.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    print(json.dumps(peak_rss_probe(args.variant, args.checkpoint, args.baseline, args.threads)))
+    if args.command == "everything":
+        result = everything_memory_probe(
+            args.checkpoint,
+            (args.height, args.width),
+            args.points_per_side,
+            args.masks_per_point,
+            args.output_mode,
+            args.threads,
+            args.points_per_batch,
+        )
+    else:
+        result = peak_rss_probe(args.variant, args.checkpoint, args.baseline, args.threads)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

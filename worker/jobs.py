@@ -235,12 +235,14 @@ def _boxes_to_masks(runtime, served, image, boxes: list[dict], output: OutputCon
 
 
 def _automatic_masks(runtime, served, image, output: OutputControl, request: dict):
-    """Segment everything; every mask gets the output control's first label."""
+    """Segment everything; every mask gets the output control's first label. The masks come as
+    COCO RLE and are decoded one at a time, so the peak memory is O(image pixels), not
+    O(masks x pixels). They are at the downloaded image's size, which is the size LS shows."""
     masks = runtime.automatic_masks(served, image, int(request.get("points_per_side") or 0))
     label = output.label_for(None)
     result, scores = [], []
     for mask in masks:
-        result += mask_results(mask.segmentation, output, label, mask.predicted_iou)
+        result += mask_results(mask.binary_mask(), output, label, mask.predicted_iou)
         scores.append(mask.predicted_iou)
     return result, scores
 

@@ -3,11 +3,15 @@ known blobs, and invariants on the random-weight Ti model (its masks have no mea
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import cv2
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from pycocotools import mask as coco_mask
 
 from efficientsam import load_model
 from efficientsam.automatic import (
@@ -19,6 +23,7 @@ from efficientsam.automatic import (
     remove_small_regions,
     stability_score,
 )
+from efficientsam.benchmark import run_everything_probe
 from efficientsam.predictor import Predictor
 from efficientsam.prompts import Prompt
 from efficientsam.utils import mask_to_box
@@ -181,6 +186,7 @@ def test_upscale_logits_is_bicubic_interpolation(predictor):
         {"box_nms_thresh": 2.0},
         {"min_mask_region_area": -1},
         {"masks_per_point": 4},
+        {"output_mode": "polygons"},
     ],
 )
 def test_settings_out_of_range_are_rejected(predictor, settings):
@@ -416,3 +422,58 @@ def test_non_square_image(predictor, reference_image):
     grid = {tuple(point) for point in build_point_grid(4, (300, 500)).tolist()}
     assert {mask.point for mask in result.masks} <= grid
     assert all(mask.bbox[2] <= 500 and mask.bbox[3] <= 300 for mask in result.masks)
+
+
+# -- output modes ----------------------------------------------------------------------------
+def _same_masks_in_both_modes(predictor, embedding, **settings) -> int:
+    binary = AutomaticMaskGenerator(predictor, **settings).generate(embedding)
+    rle = AutomaticMaskGenerator(predictor, output_mode="coco_rle", **settings).generate(embedding)
+    assert len(binary) == len(rle) > 0
+    height, width = embedding.original_size
+    for first, second in zip(binary, rle, strict=True):
+        segmentation = second.segmentation
+        assert set(segmentation) == {"size", "counts"} and segmentation["size"] == [height, width]
+        assert json.loads(json.dumps(segmentation)) == segmentation  # plain JSON
+        decoded = second.binary_mask()
+        assert decoded.dtype == bool and decoded.shape == (height, width)
+        np.testing.assert_array_equal(decoded, first.segmentation)
+        assert first.binary_mask() is first.segmentation
+        assert coco_mask.area(segmentation) == second.area == first.area
+        assert second.bbox == first.bbox and second.point == first.point
+        assert second.predicted_iou == first.predicted_iou
+        assert second.stability_score == first.stability_score
+    return len(binary)
+
+
+def test_coco_rle_mode_gives_the_binary_masks(predictor, stub_predictor, embedding):
+    # Blobs of 3 radii with holes and islands: clean-up and NMS (108 candidates, 25 places).
+    stub = {"points_per_side": 6, "masks_per_point": 3, "min_mask_region_area": 100}
+    assert _same_masks_in_both_modes(stub_predictor, embedding, **stub) > 25
+    # The random-weight model's ragged masks at 1200x900 (several upscale chunks of 15 masks).
+    ragged = {**LOOSE, "points_per_side": 4, "masks_per_point": 2, "min_mask_region_area": 50}
+    larger = dataclasses.replace(embedding, original_size=(900, 1200))
+    assert _same_masks_in_both_modes(predictor, larger, **ragged) > 15
+
+
+@pytest.mark.slow
+def test_coco_rle_peak_memory_does_not_grow_with_the_number_of_masks(ti_checkpoint):
+    """Segment everything on a 12 MP image in a fresh process, every candidate kept (~22 masks
+    of 12 MB each as arrays): with COCO RLE the generator's peak RSS growth stays below a bound
+    of 16 bytes per image pixel (one upscale chunk of float32 logits, the clean-up's labels)."""
+    height, width = 3000, 4000
+    measured = run_everything_probe(
+        ti_checkpoint,
+        (height, width),
+        points_per_side=3,
+        output_mode="coco_rle",
+        threads=2,
+        masks_per_point=3,
+        points_per_batch=3,  # small decoder activations, so the masks' memory is what is measured
+        timeout=300,
+    )
+    if measured["peak_growth_bytes"] is None:
+        pytest.skip("the peak RSS cannot be reset here (no /proc/self/clear_refs)")
+    bound = 16 * height * width
+    assert measured["masks"] * height * width > bound  # as (H, W) arrays they could not fit
+    assert measured["peak_growth_bytes"] < bound, measured
+    assert measured["stored_mask_bytes"] < measured["masks"] * height * width / 10

@@ -4,6 +4,8 @@ served without a restart."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from safetensors.torch import save_file
 from backend.settings import Settings
 from tests.backend.conftest import LEGACY_TOKEN, decode_brush
 from tests.conftest import TI_CHECKPOINT
+from tests.worker.autolabel_memory_probe import disc_decoder
 from tests.worker.conftest import IMAGE
 from worker import jobs
 from worker.registry import fine_tune_version
@@ -101,6 +104,41 @@ def test_autolabel_boxes_and_automatic(runtime):
     )
     assert all(r["value"]["brushlabels"] == ["Object"] for r in everything["result"])
     assert all(decode_brush(r).shape == (480, 640) for r in everything["result"])
+
+
+def test_autolabel_everything_grid_by_device(runtime, monkeypatch):
+    # points_per_side 0 (AUTOLABEL_POINTS_PER_SIDE's default): 16x16 on a CPU. A decoder that
+    # gives one confident disc per point (random weights pass no threshold) counts the points.
+    monkeypatch.setattr(runtime.base.predictor.model, "predict_masks", disc_decoder)
+    request = {
+        "project": "1",
+        "task": {"id": 1, "image": IMAGE, "boxes": []},
+        "mode": "everything",
+        "points_per_side": 0,
+        "output": OUTPUT,
+    }
+    entry = jobs.autolabel(request, runtime=runtime)
+    assert "error" not in entry and len(entry["result"]) == 16 * 16
+    assert len(jobs.autolabel({**request, "points_per_side": 3}, runtime=runtime)["result"]) == 9
+
+
+@pytest.mark.slow
+def test_autolabel_everything_on_a_12_mp_image_has_a_bounded_peak_memory():
+    """The embedded job path on a 4000x3000 image, ~35 masks kept (a stand-in decoder gives one
+    disc per grid point: see the probe): masks stay COCO RLE until each is turned into its LS
+    result, so the job's peak RSS growth stays below 16 bytes per image pixel (as (H, W)
+    arrays the masks alone would need 12 MB each)."""
+    height, width = 3000, 4000
+    command = [sys.executable, "-m", "tests.worker.autolabel_memory_probe", "3000", "4000", "6"]
+    output = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert output.returncode == 0, output.stderr[-2000:]
+    measured = json.loads(output.stdout.strip().splitlines()[-1])
+    assert measured["error"] is None and measured["sizes"] == [[width, height]]
+    if measured["peak_growth_bytes"] is None:
+        pytest.skip("the peak RSS cannot be reset here (no /proc/self/clear_refs)")
+    bound = 16 * height * width
+    assert measured["regions"] * height * width > bound
+    assert measured["peak_growth_bytes"] < bound, measured
 
 
 def test_autolabel_failures(runtime):
