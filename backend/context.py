@@ -13,6 +13,13 @@ Rules (documented in README):
   ``MIN_BOX_SIDE`` pixels in either direction gives points only (its box would be meaningless).
 * All items of one request form one prompt; the predictor then keeps the box corners and the
   most recent clicks (at most 6 tokens) and reports what it dropped.
+
+Bounds (a request is refused with a message, never allocated for): at most
+``MAX_CONTEXT_ITEMS`` items; an image size of at most ``max_pixels``; coordinates finite and
+within the image (1 % tolerance), rectangle sides at most twice the image's diagonal; a brush
+RLE's header must claim exactly ``original_width x original_height x 4`` values, checked before
+decoding (backend/brush.py decodes only the alpha channel into one mask for all strokes). Large
+strokes are pooled to about ``STROKE_WORK_PIXELS`` before the distance transform.
 """
 
 from __future__ import annotations
@@ -25,10 +32,17 @@ import numpy as np
 
 from efficientsam.prompts import Prompt
 
+from .brush import BrushRLEError, decode_alpha
+
 MAX_STROKE_POINTS = 4
 MIN_BOX_SIDE = 8  # pixels
 MAX_IMAGE_PIXELS = 64_000_000  # Settings.max_image_pixels' default
 PERCENT_TOLERANCE = 1.0  # coordinates within [-1, 101] % are clamped, beyond is an error
+MAX_CONTEXT_ITEMS = 500  # items in context.result (clicks, boxes, strokes); the model uses <= 6
+STROKE_WORK_PIXELS = 512 * 512  # a stroke's box above this is max-pooled to about this size
+
+
+PROMPT_TYPES = ("keypointlabels", "rectanglelabels", "brushlabels")
 
 
 class PromptError(ValueError):
@@ -74,12 +88,15 @@ def _percent(value: object, what: str) -> float:
 def _is_positive(item: dict) -> bool:
     if isinstance(item.get("is_positive"), bool):
         return item["is_positive"]
-    positive = (item.get("value") or {}).get("positive")
+    value = item.get("value")
+    positive = value.get("positive") if isinstance(value, dict) else None
     return positive if isinstance(positive, bool) else True
 
 
 def _label(item: dict) -> str | None:
-    value = item.get("value") or {}
+    value = item.get("value")
+    if not isinstance(value, dict):
+        return None
     for key in (item.get("type"), "labels"):
         labels = value.get(key) if key else None
         if isinstance(labels, list) and labels and isinstance(labels[0], str):
@@ -94,6 +111,8 @@ def rectangle_box(value: dict, width: int, height: int) -> tuple[float, float, f
     box_height = _number(value.get("height"), "rectangle height") * height / 100
     if box_width <= 0 or box_height <= 0:
         raise PromptError("rectangle has zero (or negative) width or height")
+    if max(box_width, box_height) > 2 * math.hypot(width, height):
+        raise PromptError("rectangle is larger than the image (width or height in percent)")
     angle = math.radians(_number(value.get("rotation", 0) or 0, "rectangle rotation"))
     cos, sin = math.cos(angle), math.sin(angle)
     corners = [(0, 0), (box_width, 0), (box_width, box_height), (0, box_height)]
@@ -107,37 +126,60 @@ def rectangle_box(value: dict, width: int, height: int) -> tuple[float, float, f
     return x0, y0, x1, y1
 
 
-def decode_brush_mask(value: dict, width: int, height: int) -> np.ndarray:
-    """A brush item's RLE -> (height, width) bool mask (alpha > 0)."""
-    from label_studio_sdk.converter.brush import decode_rle
-
+def decode_brush_mask(
+    value: dict, width: int, height: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """A brush item's RLE -> (height, width) bool mask (alpha > 0), OR-ed into ``out`` when
+    given. The RLE's claimed size is checked against ``width x height x 4`` before decoding."""
     rle = value.get("rle")
     if not isinstance(rle, list) or not rle:
         raise PromptError("brush stroke has no 'rle' list")
     try:
-        flat = np.asarray(decode_rle(rle), dtype=np.uint8)
-    except Exception as error:  # malformed bit stream
-        raise PromptError(f"cannot decode brush RLE: {error}") from error
-    if flat.size != width * height * 4:
-        raise PromptError(
-            f"brush RLE holds {flat.size} values, expected {width}x{height}x4 = "
-            f"{width * height * 4} for the image size given"
-        )
-    return flat.reshape(height, width, 4)[:, :, 3] > 0
+        return decode_alpha(rle, width, height, out)
+    except BrushRLEError as error:
+        raise PromptError(str(error)) from None
 
 
 def stroke_prompt(mask: np.ndarray) -> tuple[tuple[float, float, float, float] | None, np.ndarray]:
     """The box around a stroke mask (None if too small) and up to 4 points (x, y) inside it."""
-    import cv2
-
-    ys, xs = np.nonzero(mask)
-    if xs.size == 0:
+    rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
         raise PromptError("brush stroke is empty")
-    x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+    x0, x1, y0, y1 = int(columns[0]), int(columns[-1]) + 1, int(rows[0]), int(rows[-1]) + 1
     box = None
     if x1 - x0 >= MIN_BOX_SIDE and y1 - y0 >= MIN_BOX_SIDE:
         box = (float(x0), float(y0), float(x1), float(y1))
-    crop = np.pad(mask[y0:y1, x0:x1].astype(np.uint8), 1)
+    crop = mask[y0:y1, x0:x1]
+    factor = math.ceil(math.sqrt(crop.size / STROKE_WORK_PIXELS))
+    if factor > 1:  # pool, choose cells, then a stroke pixel in each chosen cell
+        cells = _pool(crop, factor)
+        return box, np.array(
+            [_pixel_in_cell(crop, factor, x, y) for x, y in _stroke_points(cells)], np.float32
+        ) + np.array([x0, y0], np.float32)
+    return box, _stroke_points(crop) + np.array([x0 + 0.5, y0 + 0.5], np.float32)  # centres
+
+
+def _pool(mask: np.ndarray, factor: int) -> np.ndarray:
+    """``factor`` x ``factor`` max-pooling of a bool mask (no padded copy)."""
+    rows = np.logical_or.reduceat(mask, np.arange(0, mask.shape[0], factor), axis=0)
+    return np.logical_or.reduceat(rows, np.arange(0, mask.shape[1], factor), axis=1)
+
+
+def _pixel_in_cell(mask: np.ndarray, factor: int, x: int, y: int) -> tuple[float, float]:
+    """The centre of the stroke pixel nearest the centre of pooled cell (x, y)."""
+    x, y = int(x), int(y)
+    cell = mask[y * factor : (y + 1) * factor, x * factor : (x + 1) * factor]
+    ys, xs = np.nonzero(cell)
+    nearest = int(np.argmin(np.hypot(xs + 0.5 - factor / 2, ys + 0.5 - factor / 2)))
+    return x * factor + xs[nearest] + 0.5, y * factor + ys[nearest] + 0.5
+
+
+def _stroke_points(crop: np.ndarray) -> np.ndarray:
+    """Up to 4 (x, y) pixel indices of a non-empty mask: its most interior pixel, then
+    farthest-point sampling."""
+    import cv2
+
+    crop = np.pad(crop.astype(np.uint8), 1)
     depth = cv2.distanceTransform(crop, cv2.DIST_L2, 3)[1:-1, 1:-1]
     inside_y, inside_x = np.nonzero(depth > 0)
     coordinates = np.stack([inside_x, inside_y], axis=1).astype(np.float32)
@@ -152,8 +194,7 @@ def stroke_prompt(mask: np.ndarray) -> tuple[tuple[float, float, float, float] |
         distance = np.minimum(
             distance, np.linalg.norm(coordinates - coordinates[candidate], axis=1)
         )
-    points = coordinates[chosen] + np.array([x0 + 0.5, y0 + 0.5], np.float32)  # pixel centres
-    return box, points
+    return coordinates[chosen]
 
 
 def check_image_size(width: object, height: object, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
@@ -175,24 +216,26 @@ def parse_context(
     the items give is at most ``max_pixels``."""
     if not isinstance(result, (list, tuple)):
         raise PromptError("context.result must be a list")
+    if len(result) > MAX_CONTEXT_ITEMS:
+        raise PromptError(
+            f"context.result has {len(result)} items, at most {MAX_CONTEXT_ITEMS} are accepted"
+        )
     items = [item for item in result if isinstance(item, dict)]
     if len(items) != len(result):
         raise PromptError("every context.result item must be an object")
-    items = [
-        i for i in items if i.get("type") in ("keypointlabels", "rectanglelabels", "brushlabels")
-    ]
+    items = [i for i in items if i.get("type") in PROMPT_TYPES]
     if not items:
         return None
-    sizes = {(item.get("original_width"), item.get("original_height")) for item in items}
-    if len(sizes) != 1:
-        raise PromptError("prompt items disagree on original_width/original_height")
-    width, height = sizes.pop()
+    width, height = items[0].get("original_width"), items[0].get("original_height")
     check_image_size(width, height, max_pixels)
+    for item in items:
+        if (item.get("original_width"), item.get("original_height")) != (width, height):
+            raise PromptError("prompt items disagree on original_width/original_height")
 
     points: list[tuple[float, float]] = []
     labels: list[int] = []
     boxes: list[tuple[float, float, float, float]] = []
-    stroke = np.zeros((0, 0), bool)
+    stroke: np.ndarray | None = None  # the union of the brush strokes
     for item in items:
         value = item.get("value")
         if not isinstance(value, dict):
@@ -206,10 +249,9 @@ def parse_context(
         elif kind == "rectanglelabels":
             boxes.append(rectangle_box(value, width, height))
         else:
-            mask = decode_brush_mask(value, width, height)
-            stroke = mask if stroke.size == 0 else (stroke | mask)
+            stroke = decode_brush_mask(value, width, height, stroke)
     box = boxes[-1] if boxes else None
-    if stroke.size:
+    if stroke is not None:
         stroke_box, stroke_points = stroke_prompt(stroke)
         box = box if box is not None else stroke_box
         points.extend(map(tuple, stroke_points.tolist()))

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 
 from label_studio_sdk.label_interface import LabelInterface
 
 OUTPUT_TAGS = ("BrushLabels", "BitmaskLabels", "PolygonLabels")  # in order of preference
 PROMPT_TAGS = ("KeyPointLabels", "RectangleLabels", "BrushLabels")
+# A config with 10,000 labels is ~0.6 MB; the cache below keeps up to 64 configs.
+MAX_LABEL_CONFIG_CHARS = 1024**2
+_DTD = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
 
 
 class LabelConfigError(ValueError):
@@ -47,11 +51,26 @@ class ProjectConfig:
     prompt_controls: tuple[str, ...]  # control names usable as smart prompts
 
 
-@functools.lru_cache(maxsize=64)
-def parse_label_config(label_config: str) -> ProjectConfig:
-    """Parse (cached per config text) with the SDK's LabelInterface."""
-    if not label_config or not label_config.strip():
+def parse_label_config(label_config: object) -> ProjectConfig:
+    """Parse (cached per config text) with the SDK's LabelInterface (lxml). Refused before
+    parsing: configs over ``MAX_LABEL_CONFIG_CHARS`` and any with a DTD (``<!DOCTYPE``,
+    ``<!ENTITY``: entity expansion; LS configs have none)."""
+    if not isinstance(label_config, str):
+        raise LabelConfigError("label_config must be a string (the project's XML)")
+    if not label_config.strip():
         raise LabelConfigError("empty label config")
+    if len(label_config) > MAX_LABEL_CONFIG_CHARS:
+        raise LabelConfigError(
+            f"label config of {len(label_config)} characters is longer than "
+            f"{MAX_LABEL_CONFIG_CHARS}"
+        )
+    if _DTD.search(label_config):
+        raise LabelConfigError("label config must not contain a DTD (<!DOCTYPE or <!ENTITY)")
+    return _parse(label_config)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse(label_config: str) -> ProjectConfig:
     try:
         interface = LabelInterface(label_config)
     except Exception as error:  # the SDK raises several XML/validation errors

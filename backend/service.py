@@ -50,6 +50,7 @@ from .transports import Transport, TransportError, create_transport
 logger = logging.getLogger(__name__)
 
 LS_PREDICT_TIMEOUT_SECONDS = 100  # LS 1.23's ML_TIMEOUT_PREDICT: it drops the answer after it
+MAX_TASKS_PER_REQUEST = 10_000  # "Retrieve predictions" sends every selected task at once
 
 
 class ServiceError(Exception):
@@ -304,6 +305,12 @@ class SegmentationService:
         tasks = request.get("tasks")
         if not isinstance(tasks, list) or not tasks or not all(isinstance(t, dict) for t in tasks):
             raise ServiceError("'tasks' must be a non-empty list of task objects", 400)
+        if len(tasks) > MAX_TASKS_PER_REQUEST:
+            raise ServiceError(
+                f"{len(tasks)} tasks in one request; at most {MAX_TASKS_PER_REQUEST}: "
+                "select fewer tasks",
+                413,
+            )
         try:
             config = parse_label_config(request.get("label_config") or "")
         except LabelConfigError as error:

@@ -35,6 +35,9 @@ class Settings:
     embedding_cache_bytes: int = 512 * 1024**2
     image_cache_bytes: int = 256 * 1024**2
     max_download_bytes: int = 64 * 1024**2
+    # LS sends tasks with their annotations and predictions (brush RLE): 64 MiB is ~18 MB of
+    # RLE bytes. Parsing takes up to ~8x a body's size in memory; a larger body is refused (413).
+    max_request_bytes: int = 64 * 1024**2
     max_image_pixels: int = 64_000_000
     download_timeout_seconds: float = 20.0
     batch_time_budget_seconds: float = 60.0  # LS cuts /predict at 100 s
@@ -154,6 +157,7 @@ ENV: dict[str, tuple[str, ...]] = {
     "embedding_cache_bytes": ("EMBEDDING_CACHE_BYTES",),
     "image_cache_bytes": ("IMAGE_CACHE_BYTES",),
     "max_download_bytes": ("MAX_DOWNLOAD_BYTES",),
+    "max_request_bytes": ("MAX_REQUEST_BYTES",),
     "max_image_pixels": ("MAX_IMAGE_PIXELS",),
     "download_timeout_seconds": ("DOWNLOAD_TIMEOUT_SECONDS",),
     "batch_time_budget_seconds": ("BATCH_TIME_BUDGET_SECONDS",),

@@ -30,6 +30,8 @@ from backend.label_config import ProjectConfig
 MASK_TYPES = ("brushlabels", "bitmasklabels", "polygonlabels")
 MIN_MASK_PIXELS = 4
 MAX_MASK_PIXELS = 2**28  # a region claiming more pixels than this is refused, not allocated
+BITMASK_SCALE_LIMIT = 4  # a bitmask PNG may have at most 4x the region's pixels (checked first)
+MAX_POLYGON_PERCENT = 10_000.0  # polygon coordinates beyond this are refused (int32 pixels)
 
 
 class AnnotationError(ValueError):
@@ -118,18 +120,14 @@ def region_mask(item: dict) -> np.ndarray | None:
 
 
 def _brush_mask(rle: object, width: int, height: int) -> np.ndarray:
-    from label_studio_sdk.converter.brush import decode_rle
+    from backend.brush import BrushRLEError, decode_alpha
 
-    if isinstance(rle, np.ndarray):  # this backend's own results (tests, predictions)
-        rle = rle.tolist()
-    if not isinstance(rle, list) or not rle:
+    if not isinstance(rle, (list, np.ndarray)) or len(rle) == 0:
         raise AnnotationError("brushlabels region without an RLE")
-    flat = np.asarray(decode_rle(rle), dtype=np.uint8)
-    if flat.size != width * height * 4:
-        raise AnnotationError(
-            f"brushlabels RLE decodes to {flat.size} values, not {width}x{height}x4"
-        )
-    return flat.reshape(height, width, 4)[:, :, 3] > 0
+    try:  # the header's size is checked against width x height x 4 before decoding
+        return decode_alpha(rle, width, height)
+    except BrushRLEError as error:
+        raise AnnotationError(f"brushlabels region: {error}") from None
 
 
 def _bitmask_mask(url: object, width: int, height: int) -> np.ndarray:
@@ -137,9 +135,14 @@ def _bitmask_mask(url: object, width: int, height: int) -> np.ndarray:
 
     if not isinstance(url, str) or "," not in url:
         raise AnnotationError("bitmasklabels region without an image data URL")
+    # Image.open reads the header only: the size is checked before anything is decoded.
     with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1], validate=True))) as image:
-        if image.width * image.height > MAX_MASK_PIXELS:
-            raise AnnotationError(f"bitmask of {image.width}x{image.height} pixels is too large")
+        pixels = image.width * image.height
+        if pixels > MAX_MASK_PIXELS or pixels > BITMASK_SCALE_LIMIT * width * height:
+            raise AnnotationError(
+                f"bitmask of {image.width}x{image.height} pixels is too large for a "
+                f"{width}x{height} region"
+            )
         array = np.asarray(image.convert("L").resize((width, height), Image.NEAREST))
     return array > 0
 
@@ -150,6 +153,8 @@ def _polygon_mask(points: object, width: int, height: int) -> np.ndarray:
     array = np.asarray(points if isinstance(points, list) else [], np.float64)
     if array.ndim != 2 or array.shape[1] != 2 or len(array) < 3 or not np.isfinite(array).all():
         raise AnnotationError("polygonlabels region without 3 or more finite [x, y] points")
+    if np.abs(array).max() > MAX_POLYGON_PERCENT:
+        raise AnnotationError(f"polygonlabels point beyond +-{MAX_POLYGON_PERCENT} % of the image")
     pixels = np.round(array * [width / 100.0, height / 100.0]).astype(np.int32)
     mask = np.zeros((height, width), np.uint8)
     cv2.fillPoly(mask, [pixels], 1)

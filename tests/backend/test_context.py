@@ -79,7 +79,7 @@ def test_no_prompt_items():
         ([keypoint("x", 10)], "finite number"),
         ([{**keypoint(1, 1), "original_width": 0}], "original_width"),
         ([keypoint(1, 1), keypoint(2, 2, width=100)], "disagree"),
-        ([{**brush(np.ones((4, 4), bool)), "original_width": 5}], "brush RLE holds"),
+        ([{**brush(np.ones((4, 4), bool)), "original_width": 5}], "brush RLE claims"),
         ([{"type": "keypointlabels", "original_width": 4, "original_height": 4}], "value"),
     ],
 )
