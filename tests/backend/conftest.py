@@ -252,3 +252,23 @@ def wait_until_ready(client, seconds: float = 120.0, headers: dict | None = None
         if response.status_code == 200 or time.monotonic() > deadline:
             return response
         time.sleep(0.1)
+
+
+def bomb_png(width: int, height: int, complete: bool = True) -> bytes:
+    """A 1-bit grayscale PNG of ``width`` x ``height`` black pixels, written row by row (a few
+    KB to deflate, ``width * height`` bytes once decoded to 8 bits); ``complete=False``: the
+    header and the first rows only (a decoder sees the size, then a truncated file)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    compressor = zlib.compressobj(9)
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then the packed pixels
+    rows = height if complete else min(height, 16)
+    data = b"".join(compressor.compress(row) for _ in range(rows)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    end = chunk(b"IEND", b"") if complete else b""
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + end
