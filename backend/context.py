@@ -73,9 +73,19 @@ class InteractivePrompt:
 
 
 def _number(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise PromptError(f"{what} must be a finite number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        # the type only: a value's repr can be megabytes, or too deep to print
+        raise PromptError(f"{what} must be a finite number, got {_json_type(value)}")
+    if abs(value) > 1e300:  # also an int beyond any float (checked before converting)
+        raise PromptError(f"{what} must be a finite number, got one beyond 1e300")
+    if not math.isfinite(value):
+        raise PromptError(f"{what} must be a finite number, got {value}")
     return float(value)
+
+
+def _json_type(value: object) -> str:
+    names = {type(None): "null", bool: "a boolean", str: "a string", list: "a list"}
+    return names.get(type(value), "an object" if isinstance(value, dict) else type(value).__name__)
 
 
 def _percent(value: object, what: str) -> float:

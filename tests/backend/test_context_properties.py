@@ -13,10 +13,14 @@ from hypothesis import strategies as st
 from backend.context import InteractivePrompt, PromptError, parse_context
 from efficientsam.prompts import Prompt
 
+DEEP: list = []
+for _ in range(1020):  # orjson accepts 1024 levels; repr() of this one raises RecursionError
+    DEEP = [DEEP]
 JSON = st.recursive(
     st.none()
     | st.booleans()
-    | st.integers(-(2**70), 2**70)
+    | st.integers(-(10**400), 10**400)
+    | st.just(DEEP)
     | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=8),
     lambda children: (
