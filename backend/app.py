@@ -23,8 +23,8 @@ from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# Objects and arrays in one body: each costs Python ~60 bytes for 2 bytes of JSON ("[]").
-MAX_JSON_CONTAINERS = 2_000_000
+# Objects and arrays in one body: each costs Python 60-250 bytes for 2 to 8 bytes of JSON.
+MAX_JSON_CONTAINERS = 1_000_000
 
 
 class FastJSONResponse(JSONResponse):

@@ -35,8 +35,9 @@ class Settings:
     embedding_cache_bytes: int = 512 * 1024**2
     image_cache_bytes: int = 256 * 1024**2
     max_download_bytes: int = 64 * 1024**2
-    # LS sends tasks with their annotations and predictions (brush RLE): 64 MiB is ~18 MB of
-    # RLE bytes. Parsing takes up to ~8x a body's size in memory; a larger body is refused (413).
+    # LS sends tasks with their annotations and predictions (brush RLE; a 12 MP object's mask
+    # is ~60 KB of JSON): 64 MiB holds ~1,000 of them. A larger body is refused (413) before
+    # it is read. Parsing JSON takes up to ~12x its size (measured: a body of small ints).
     max_request_bytes: int = 64 * 1024**2
     max_image_pixels: int = 64_000_000
     download_timeout_seconds: float = 20.0
@@ -108,6 +109,8 @@ class Settings:
             raise ValueError(
                 f"AUTOLABEL_MODE must be one of {', '.join(AUTOLABEL_MODES)}: {self.autolabel_mode}"
             )
+        if self.max_request_bytes < 64 * 1024:
+            raise ValueError("MAX_REQUEST_BYTES must be at least 65536")
         if not 0 <= self.autolabel_points_per_side <= 64:
             raise ValueError("AUTOLABEL_POINTS_PER_SIDE must be 0 (automatic) to 64")
         if self.shared_cache_dtype not in ("float16", "float32"):

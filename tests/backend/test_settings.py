@@ -63,6 +63,7 @@ def test_legacy_fallback_names():
         ({"PRECISION": "int8"}, "precision"),
         ({"TRAIN_FROM": "latest"}, "TRAIN_FROM must be current or base"),
         ({"TRAIN_HELD_OUT_FRACTION": "1.5"}, "TRAIN_HELD_OUT_FRACTION"),
+        ({"MAX_REQUEST_BYTES": "0"}, "MAX_REQUEST_BYTES"),
     ],
 )
 def test_bad_settings(env, message):
