@@ -78,10 +78,14 @@ class AnnotatedTask:
 
 def chosen_annotation(task: dict) -> dict | None:
     """Ground truth first, else the latest updated; never a skipped (cancelled) one."""
+    entries = task.get("annotations")
     annotations = [
         a
-        for a in task.get("annotations") or []
-        if isinstance(a, dict) and not a.get("was_cancelled") and a.get("result")
+        for a in (entries if isinstance(entries, list) else [])
+        if isinstance(a, dict)
+        and not a.get("was_cancelled")
+        and isinstance(a.get("result"), list)
+        and a["result"]
     ]
     if not annotations:
         return None
@@ -89,7 +93,7 @@ def chosen_annotation(task: dict) -> dict | None:
         key=lambda a: (
             bool(a.get("ground_truth")),
             str(a.get("updated_at") or a.get("created_at") or ""),
-            a.get("id") or 0,
+            a["id"] if isinstance(a.get("id"), int) else 0,
         )
     )
     return annotations[-1]
@@ -165,9 +169,12 @@ def annotated_task(task: dict, config: ProjectConfig) -> AnnotatedTask | None:
     """The task's instance masks on the project's image, or None when it has none;
     :class:`AnnotationError` when one of its mask regions cannot be decoded."""
     annotation = chosen_annotation(task)
-    url = (task.get("data") or {}).get(config.image_data_key)
+    data = task.get("data")
+    url = data.get(config.image_data_key) if isinstance(data, dict) else None
     if annotation is None or not isinstance(url, str):
         return None
+    if not isinstance(task.get("id"), int) or not isinstance(annotation.get("id"), int):
+        raise AnnotationError("task or annotation without an integer id")
     masks = []
     for item in annotation["result"]:
         if not isinstance(item, dict) or item.get("to_name") not in (None, config.image_name):
@@ -193,6 +200,8 @@ def sync_annotations(
     task skipped because a region of its annotation cannot be decoded)."""
     kept, skipped = [], []
     for task in tasks:
+        if not isinstance(task, dict):
+            continue
         try:
             annotated = annotated_task(task, config)
         except AnnotationError as error:

@@ -7,10 +7,16 @@ import time
 import tracemalloc
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from tests.backend.conftest import bomb_png
+from backend.label_config import parse_label_config
+from tests.backend.conftest import BRUSH_CONFIG, bomb_png
+from tests.backend.test_context_properties import JSON
 from tests.backend.test_rle_decode import rle_bomb
-from worker.annotations import AnnotationError, region_mask
+from worker.annotations import AnnotationError, region_mask, sync_annotations
+
+CONFIG = parse_label_config(BRUSH_CONFIG)
 
 
 def region(kind: str, value: dict, width: int = 100, height: int = 100) -> dict:
@@ -65,3 +71,42 @@ def test_bitmask_claiming_100k_squared_is_refused():
 )
 def test_polygon_points_out_of_range_are_refused(points, message):
     _refused(region("polygonlabels", {"points": points}), message)
+
+
+REGION = st.fixed_dictionaries(
+    {"type": st.sampled_from(["brushlabels", "bitmasklabels", "polygonlabels", "choices"])},
+    optional={
+        "original_width": st.integers(-2, 30) | JSON,
+        "original_height": st.integers(-2, 30) | JSON,
+        "value": st.fixed_dictionaries(
+            {},
+            optional={
+                "rle": st.lists(st.integers(0, 255), max_size=40) | JSON,
+                "imageDataURL": st.sampled_from(["data:image/png;base64,", "x,@@", "none"]) | JSON,
+                "points": st.lists(st.lists(st.floats() | JSON, max_size=3), max_size=5) | JSON,
+            },
+        )
+        | JSON,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(REGION | JSON)
+def test_any_region_gives_a_mask_none_or_annotation_error(item):
+    if not isinstance(item, dict):
+        return
+    try:
+        mask = region_mask(item)
+    except AnnotationError:
+        return
+    assert mask is None or (mask.dtype == bool and mask.ndim == 2)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.fixed_dictionaries({"id": st.integers(1, 9)}, optional={"data": JSON, "annotations": JSON})
+)
+def test_any_task_is_kept_skipped_or_ignored(task):
+    kept, skipped = sync_annotations([task], CONFIG)
+    assert len(kept) + len(skipped) <= 1
