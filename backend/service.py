@@ -96,10 +96,17 @@ def task_rectangles(
                 ):
                     continue
                 check_image_size(width, height, max_pixels)
-                value = item.get("value") or {}
-                labels = value.get("rectanglelabels") or value.get("labels") or [None]
+                value = item.get("value")
+                if not isinstance(value, dict):
+                    raise PromptError("rectangle has no 'value' object")
+                labels = value.get("rectanglelabels") or value.get("labels")
+                label = labels[0] if isinstance(labels, list) and labels else None
                 boxes.append(
-                    BoxItem(rectangle_box(value, width, height), (width, height), labels[0])
+                    BoxItem(
+                        rectangle_box(value, width, height),
+                        (width, height),
+                        label if isinstance(label, str) else None,
+                    )
                 )
             if boxes:
                 return boxes

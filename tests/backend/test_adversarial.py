@@ -148,7 +148,7 @@ BOXES = {"id": 7, "result": [rectangle(10, 10, 30, 30)]}
 class Case:
     name: str
     body: object  # bytes, or a JSON-able value
-    expect: str = "4xx"  # or "skipped": a batch whose every entry has no result; "empty"
+    expect: str = "4xx"  # "skipped": no entry has a result; "empty": []; "ok": first label
     route: str = "/predict"
     match: str = ""  # in the error message (or in every skipped reason)
 
@@ -282,6 +282,17 @@ CORPUS = [
     image_case("PNG 12000 x 12000 in 18 KB", "big.png", "limit"),
     # -- ignored input: nothing to do, an empty result
     Case("unknown item types only", click([{**keypoint(5, 5), "type": "ellipselabels"}]), "empty"),
+    Case(
+        "labels of the wrong type: the first label",
+        predict_request(
+            [
+                task(10, annotations=[{"id": 7, "result": [rect(rectanglelabels={"a": 1})]}]),
+                task(11, predictions=[{"id": 8, "result": [rect(rectanglelabels=5)]}]),
+            ],
+            None,
+        ),
+        "ok",
+    ),
     # -- batches: every bad task gets an entry without result, with the reason
     Case(
         "batch of bad tasks",
@@ -294,6 +305,10 @@ CORPUS = [
                 task(5, image="/data/upload/1/truncated.png", annotations=[BOXES]),
                 task(6, annotations=[{"id": 5, "result": [rect(width=0)]}]),
                 task(7, annotations="none"),
+                task(
+                    9, annotations=[{"id": 6, "result": [{**rectangle(5, 5, 9, 9), "value": [5]}]}]
+                ),
+                task(12, annotations=[{"id": 9, "result": "rectangles"}]),
                 task(8),
             ],
             None,
@@ -349,6 +364,10 @@ def _problem(case: Case, response: httpx.Response, seconds: float) -> str | None
             return f"HTTP {response.status_code}: {str(body)[:300]}"
         if any("result" in entry or not entry.get("skipped") for entry in entries):
             return f"an entry has a result or no reason: {str(entries)[:300]}"
+    elif case.expect == "ok":
+        labels = [r["value"].get("brushlabels") for e in body["results"] for r in e["result"]]
+        if response.status_code != 200 or not labels or set(map(tuple, labels)) != {("Object",)}:
+            return f"HTTP {response.status_code}: {str(body)[:300]}"
     elif response.status_code != 200 or body["results"][0]["result"] != []:
         return f"HTTP {response.status_code}: {str(body)[:300]}"
     return None
