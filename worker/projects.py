@@ -37,16 +37,14 @@ def annotation_events(payload: dict) -> tuple[list[dict], list[int]]:
     are recorded as cancelled (they never count as training data)."""
     action = payload.get("action")
     if action == DELETE_ACTION:
-        deleted = payload.get("annotations") or []
-        return [], [int(a["id"]) for a in deleted if isinstance(a, dict) and "id" in a]
+        deleted = _objects(payload.get("annotations"))
+        return [], [a["id"] for a in deleted if _is_id(a.get("id"))]
     if action not in ANNOTATION_ACTIONS:
         return [], []
-    annotations = payload.get("annotation") or payload.get("annotations") or []
-    if isinstance(annotations, dict):
-        annotations = [annotations]
+    annotations = _objects(payload.get("annotation") or payload.get("annotations"))
     events = []
     for annotation in annotations:
-        if not isinstance(annotation, dict) or "id" not in annotation:
+        if not _is_id(annotation.get("id")):
             continue
         task = annotation.get("task")
         if isinstance(task, dict):
@@ -60,6 +58,16 @@ def annotation_events(payload: dict) -> tuple[list[dict], list[int]]:
             }
         )
     return events, []
+
+
+def _objects(value: object) -> list[dict]:
+    """The objects of a webhook field that holds one object or a list of them."""
+    items = [value] if isinstance(value, dict) else value if isinstance(value, list) else []
+    return [item for item in items if isinstance(item, dict)]
+
+
+def _is_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**63
 
 
 class ProjectState(Protocol):

@@ -148,7 +148,8 @@ BOXES = {"id": 7, "result": [rectangle(10, 10, 30, 30)]}
 class Case:
     name: str
     body: object  # bytes, or a JSON-able value
-    expect: str = "4xx"  # "skipped": no entry has a result; "empty": []; "ok": first label
+    # "skipped": no batch entry has a result; "empty": []; "ok": the first label; "ignored"
+    expect: str = "4xx"
     route: str = "/predict"
     match: str = ""  # in the error message (or in every skipped reason)
 
@@ -293,6 +294,30 @@ CORPUS = [
         ),
         "ok",
     ),
+    # -- webhooks of the wrong shape: ignored (LS does not read the answer), never a 500
+    Case(
+        "webhook ids of every type",
+        {
+            "action": "ANNOTATIONS_CREATED",
+            "project": {"id": 1},
+            "annotation": [{"id": [1]}, {"id": "7"}, {"id": 1e300}, {"id": True}, 5, "x"],
+        },
+        "ignored",
+        route="/webhook",
+    ),
+    Case(
+        "webhook deletions not objects",
+        {"action": "ANNOTATIONS_DELETED", "project": 1, "annotations": "1,2"},
+        "ignored",
+        route="/webhook",
+    ),
+    Case("webhook action a list", {"action": ["START_TRAINING"]}, "ignored", route="/webhook"),
+    Case(
+        "START_TRAINING project a list",
+        {"action": "START_TRAINING", "project": [1]},
+        route="/webhook",
+        match="project",
+    ),
     # -- batches: every bad task gets an entry without result, with the reason
     Case(
         "batch of bad tasks",
@@ -364,6 +389,9 @@ def _problem(case: Case, response: httpx.Response, seconds: float) -> str | None
             return f"HTTP {response.status_code}: {str(body)[:300]}"
         if any("result" in entry or not entry.get("skipped") for entry in entries):
             return f"an entry has a result or no reason: {str(entries)[:300]}"
+    elif case.expect == "ignored":
+        if response.status_code != 200 or body.get("status") != "ignored":
+            return f"HTTP {response.status_code}: {str(body)[:300]}"
     elif case.expect == "ok":
         labels = [r["value"].get("brushlabels") for e in body["results"] for r in e["result"]]
         if response.status_code != 200 or not labels or set(map(tuple, labels)) != {("Object",)}:
