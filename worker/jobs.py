@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 _runtime: ContextVar[ModelRuntime | None] = ContextVar("efficientsam_runtime", default=None)
 EXPECTED_ERRORS = (ImageError, PromptError, LabelConfigError, ValueError, VersionUnavailable)
+BOX_CHUNK_PIXELS = 16_000_000  # rectangles -> masks: at most this many mask pixels at once
 
 
 class TaskFailed(RuntimeError):
@@ -224,13 +225,17 @@ def _boxes_to_masks(runtime, served, image, boxes: list[dict], output: OutputCon
         sx, sy = width / box_width, height / box_height
         x0, y0, x1, y1 = item["box"]
         prompts.append(Prompt.create(box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy)))
-    found, _, _ = runtime.segment(served, image, prompts, multimask=False)
+    # The decoder upscales every prompt's logits to the image at once (5 bytes a pixel):
+    # boxes go in chunks of at most BOX_CHUNK_PIXELS mask pixels, each encoded, then dropped.
+    chunk = max(1, BOX_CHUNK_PIXELS // (width * height))
     result, scores = [], []
-    for segmentation, item in zip(found, boxes, strict=True):
-        mask = resize_mask(segmentation.mask, tuple(item["size"]))
-        label = output.label_for(item.get("label"))
-        result += mask_results(mask, output, label, segmentation.score)
-        scores.append(segmentation.score)
+    for start in range(0, len(prompts), chunk):
+        found, _, _ = runtime.segment(served, image, prompts[start : start + chunk], False)
+        for segmentation, item in zip(found, boxes[start : start + chunk], strict=True):
+            mask = resize_mask(segmentation.mask, tuple(item["size"]))
+            label = output.label_for(item.get("label"))
+            result += mask_results(mask, output, label, segmentation.score)
+            scores.append(segmentation.score)
     return result, scores
 
 

@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+from PIL import Image
 
 from tests.backend.conftest import (
     BRUSH_CONFIG,
@@ -29,6 +30,7 @@ from tests.backend.conftest import (
     bomb_png,
     brush,
     keypoint,
+    png_bytes,
     predict_request,
     rectangle,
 )
@@ -40,6 +42,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "/data/upload/1/image.png"
+LARGE = "/data/upload/1/large.png"  # 2000 x 1500
 MAX_REQUEST_BYTES = 16 * 1024**2  # the corpus runs with a lower cap than the default 64 MiB
 RSS_GROWTH_LIMIT = 300 * 1024**2
 SECONDS_PER_REQUEST = 10.0
@@ -54,6 +57,9 @@ def files():
     server.files["/data/upload/1/truncated.png"] = server.files[IMAGE][:3000]
     server.files["/data/upload/1/bomb.png"] = bomb_png(100_000, 100_000, complete=False)
     server.files["/data/upload/1/big.png"] = bomb_png(12_000, 12_000)  # 144 MP in 18 KB
+    with Image.open(REFERENCE_DIR / "image_640x480.png") as image:
+        large = np.asarray(image.convert("RGB").resize((2000, 1500)))
+    server.files[LARGE] = png_bytes(large)
     yield server
     server.close()
 
@@ -440,3 +446,30 @@ def test_a_chunked_body_is_cut_at_the_cap(backend):
         response = client.post("/predict", content=body)
     assert response.status_code == 413 and "MAX_REQUEST_BYTES" in response.json()["error"]
     assert peak_rss(pid) - before < 4 * MAX_REQUEST_BYTES
+
+
+def test_many_rectangles_on_a_large_image_are_decoded_in_chunks(backend):
+    """60 rectangles on a 2000 x 1500 image: all at once, the decoder's full-size logits and
+    masks took 60 x 3 MP x 5 bytes (~900 MB); in chunks of 16 MP of masks, a few dozen MB.
+    (Bitmask output: the random-weight model's ragged masks are 1.5 MB of brush RLE each.)"""
+    url, pid = backend
+    boxes = [
+        rectangle(1 + 9.5 * (i % 10), 1 + 16 * (i // 10), 8, 14, width=2000, height=1500)
+        for i in range(60)
+    ]
+    the_task = task(1, LARGE, annotations=[{"id": 1, "result": boxes}])
+    config = BRUSH_CONFIG.replace("BrushLabels", "BitmaskLabels")
+    warm_task = task(1, LARGE, annotations=[{"id": 1, "result": boxes[:1]}])
+    with httpx.Client(base_url=url, timeout=120) as client:
+        warm = client.post("/predict", content=orjson.dumps(predict_request([warm_task], None)))
+        assert warm.status_code == 200  # the image's download, decode and embedding
+        before = peak_rss(pid)
+        response = client.post(
+            "/predict", content=orjson.dumps(predict_request([the_task], None, config))
+        )
+    growth = peak_rss(pid) - before
+    assert response.status_code == 200, response.text[:300]
+    (entry,) = response.json()["results"]
+    assert len(entry["result"]) == 60
+    assert growth < RSS_GROWTH_LIMIT, f"peak RSS grew by {growth / 1024**2:.0f} MiB"
+    print(f"60 rectangles on 2000 x 1500: peak RSS growth {growth / 1024**2:.0f} MiB")
