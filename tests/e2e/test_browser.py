@@ -90,7 +90,6 @@ class Editor:
         self.backend_url = backend_url
         self.sent: list[list[dict]] = []  # the prompt items of every interactive request
         page.on("request", self._record)
-        self.box = page.locator(".konvajs-content").bounding_box()
 
     def _record(self, request) -> None:
         if INTERACTIVE in request.url:
@@ -98,7 +97,8 @@ class Editor:
 
     def at(self, fx: float, fy: float) -> tuple[float, float]:
         """Page coordinates of a point given in fractions of the displayed image."""
-        return self.box["x"] + fx * self.box["width"], self.box["y"] + fy * self.box["height"]
+        box = self.page.locator(".konvajs-content").bounding_box()
+        return box["x"] + fx * box["width"], box["y"] + fy * box["height"]
 
     def label(self, control: int, name: str) -> None:
         """Selects label ``name`` of the ``control``-th labels control of the config."""
