@@ -35,6 +35,7 @@ LOOKUP_TIMEOUT_SECONDS = 2.0  # one LS API call (LS gives an event webhook 1 s, 
 KNOWN_SECONDS = 3600.0  # a project LS has: asked again after this
 UNKNOWN_SECONDS = 60.0  # a project LS does not have: refused without asking for this long
 MAX_CACHED_PROJECTS = 4096
+DONE_SECONDS = 3600.0  # a project's webhook header is checked again after this
 
 
 class ControlRefused(Exception):
@@ -130,8 +131,9 @@ class WebhookAuth:
     auth user (``GET /api/projects/<id>/model-versions?extended=true&include_live_models=true``:
     LS's database only, no call back to the backend), their webhooks (``GET
     /api/webhooks?project=<id>``) and sets the header (``PATCH /api/webhooks/<id>``). Best
-    effort, in the background: a few tries ``retry_seconds`` apart; the next ``/setup`` after
-    ``again_seconds`` tries again until it is done."""
+    effort, in the background: a few tries ``retry_seconds`` apart; a ``/setup`` after
+    ``again_seconds`` (doubled after each failed round, at most an hour) tries again; once
+    done, a ``/setup`` an hour later checks again (a backend connected anew, a new webhook)."""
 
     def __init__(
         self,
@@ -153,8 +155,8 @@ class WebhookAuth:
         self.tries = tries
         self.retry_seconds = retry_seconds
         self.again_seconds = again_seconds
-        self._started: dict[str, float] = {}  # project -> when the last attempt started
-        self._done: set[str] = set()
+        self._next: dict[str, float] = {}  # project -> when a /setup may start a round again
+        self._failures: dict[str, int] = {}  # project -> failed rounds so far
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="webhook-auth")
         self._closed = False
@@ -170,12 +172,10 @@ class WebhookAuth:
             return
         now = time.monotonic()
         with self._lock:
-            if project in self._done:
+            if now < self._next.get(project, 0.0):
                 return
-            started = self._started.get(project)
-            if started is not None and now - started < self.again_seconds:
-                return
-            self._started[project] = now
+            failures = self._failures.get(project, 0)
+            self._next[project] = now + min(self.again_seconds * 2**failures, DONE_SECONDS)
         self._executor.submit(self._run, project)
 
     def _run(self, project: str) -> None:
@@ -192,7 +192,8 @@ class WebhookAuth:
                 continue
             if patched is not None:
                 with self._lock:
-                    self._done.add(project)
+                    self._failures[project] = 0
+                    self._next[project] = time.monotonic() + DONE_SECONDS
                 if patched:
                     logger.info(
                         "project %s: Label Studio's webhook(s) %s now carry the backend's basic "
@@ -202,6 +203,8 @@ class WebhookAuth:
                     )
                 return
             reason = "no webhook of an ML backend record with this basic auth user yet"
+        with self._lock:
+            self._failures[project] = self._failures.get(project, 0) + 1
         logger.warning(
             "project %s: could not add the basic auth header to Label Studio's webhook (%s); "
             "annotation events are refused until it has it (PATCH /api/webhooks/<id> "

@@ -19,6 +19,7 @@ from rq import Queue
 from starlette.testclient import TestClient
 
 from backend.app import create_app
+from backend.control import WebhookAuth
 from backend.settings import Settings
 from tests.backend.conftest import LEGACY_TOKEN
 from worker.registry import ModelRegistry
@@ -196,4 +197,27 @@ def test_the_webhook_label_studio_creates_after_setup_is_found(connection, label
         time.sleep(0.3)
         label_studio.api["/api/webhooks"].append(webhook_record(1, "http://b:1/webhook"))
         wait_for(lambda: label_studio.patches)
+    assert label_studio.patches == [("/api/webhooks/1", {"headers": AUTH})]
+
+
+def test_a_webhook_that_never_appears_is_logged_and_tried_again_later(label_studio, caplog):
+    label_studio.api["/api/projects/7/model-versions"] = {"live": [ml_record("http://b:1", "ml")]}
+    label_studio.api["/api/webhooks"] = []
+    auth = WebhookAuth("ml", "s3cret", label_studio.url, LEGACY_TOKEN, tries=2, retry_seconds=0.05)
+    auth.again_seconds = 0.5
+    try:
+        with caplog.at_level(logging.WARNING):
+            auth.ensure("7")
+            wait_for(lambda: "could not add the basic auth header" in caplog.text)
+        asked = len(label_studio.requests)
+        assert asked == 4  # two tries: the records and the webhooks each
+        auth.ensure("7")  # a /setup right after: not yet
+        time.sleep(0.3)
+        assert len(label_studio.requests) == asked
+        time.sleep(0.3)
+        label_studio.api["/api/webhooks"].append(webhook_record(1, "http://b:1/webhook"))
+        auth.ensure("7")  # a /setup after again_seconds: done now
+        wait_for(lambda: label_studio.patches)
+    finally:
+        auth.close()
     assert label_studio.patches == [("/api/webhooks/1", {"headers": AUTH})]
