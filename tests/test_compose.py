@@ -239,19 +239,40 @@ def test_dockerfile_copies_every_package():
     assert re.search(r"^USER (?!root)", text, re.MULTILINE)
 
 
-@pytest.mark.parametrize("profile", [None, "cpu", "gpu"])
-def test_docker_compose_accepts_the_file(profile):
+REQUIRED_DOTENV = {"BASIC_AUTH_USER": "ml", "BASIC_AUTH_PASS": "secret"}  # compose refuses without
+
+
+def compose_config(profile: str | None, dotenv: dict[str, str]) -> subprocess.CompletedProcess:
+    """``docker-compose config -q`` with ``dotenv`` as the .env values (and nothing else)."""
     executable = shutil.which("docker-compose")
     if executable is None:
         pytest.fail("docker-compose is not installed: apt-get install -y docker-compose")
     profile_args = ["--profile", profile] if profile else []
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
-    result = subprocess.run(
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("COMPOSE_") and k not in DOTENV_VARIABLES
+    }
+    return subprocess.run(
         [executable, "-f", str(COMPOSE_FILE), *profile_args, "config", "-q"],
         cwd=REPO_ROOT,
-        env=env,
+        env={**env, **dotenv},
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+@pytest.mark.parametrize("profile", [None, "cpu", "gpu"])
+def test_docker_compose_accepts_the_file(profile):
+    result = compose_config(profile, REQUIRED_DOTENV)
     assert result.returncode == 0, result.stderr
+
+
+def test_backend_needs_basic_auth_credentials(services):
+    """Compose ships with basic auth on: START_TRAINING and the other control actions need it."""
+    env = services["backend"]["environment"]
+    for name in REQUIRED_DOTENV:
+        assert env[name].startswith(f"${{{name}:?") and env[name].endswith("}"), env[name]
+        missing = compose_config(None, {k: v for k, v in REQUIRED_DOTENV.items() if k != name})
+        assert missing.returncode != 0 and "set BASIC_AUTH_USER" in missing.stderr
