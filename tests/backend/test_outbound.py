@@ -8,8 +8,11 @@ address other than 127.0.0.1.
 from __future__ import annotations
 
 import ipaddress
+import shutil
 import socket
 import socketserver
+import ssl
+import subprocess
 import threading
 import time
 
@@ -19,7 +22,7 @@ import pytest
 from backend.images import ImageError, ImageLoader
 from backend.outbound import OutboundPolicy, OutboundRefused, parse_allow
 from backend.settings import Settings
-from tests.backend.conftest import LEGACY_TOKEN, png_bytes
+from tests.backend.conftest import LEGACY_TOKEN, FileServer, png_bytes
 
 IMAGE = (np.arange(24 * 32 * 3) % 251).astype(np.uint8).reshape(24, 32, 3)
 REFUSED = "refused by the outbound policy"
@@ -193,6 +196,39 @@ def test_other_hosts_failures_do_not_echo_status_or_body(file_server, second_ser
     with pytest.raises(ImageError, match="HTTP 404") as error:
         loader.load("/data/upload/1/missing.png")
     assert error.value.status == 404
+
+
+def test_https_connects_to_the_checked_address_and_verifies_the_name(tmp_path, monkeypatch):
+    """TLS to a name pinned to its resolved address: SNI and certificate check use the name."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=images.test"]
+        + ["-addext", "subjectAltName=DNS:images.test"],
+        check=True,
+        capture_output=True,
+    )
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the only CA the loader trusts
+    server = FileServer()
+    server.files["/a.png"] = png_bytes(IMAGE)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    names: list[str] = []
+    context.sni_callback = lambda connection, name, _: names.append(name)
+    server.httpd.socket = context.wrap_socket(server.httpd.socket, server_side=True)
+    try:
+        port = server.url.rsplit(":", 1)[1]
+        dns = FakeDNS({"images.test": ["127.0.0.1"]})
+        loader = ImageLoader(outbound_allow="images.test, 127.0.0.1", resolver=dns)
+        assert loader.load(f"https://images.test:{port}/a.png").size == (32, 24)
+        assert names == ["images.test"] and dns.asked == ["images.test"]
+        # The same server by its address: the certificate does not name it.
+        refused(loader, f"https://127.0.0.1:{port}/a.png", "image download failed")
+        assert server.requests == [("/a.png", None)]
+    finally:
+        server.close()
 
 
 class TrickleServer:
