@@ -196,6 +196,7 @@ class SegmentationService:
             settings.label_studio_url,
             settings.label_studio_api_key,
             settings.version_pick_cache_seconds,
+            trust_setup_host=settings.label_studio_trust_setup_host,
         )
         self._ignored_picks: set[tuple[str | None, tuple[str, ...]]] = set()
         # control actions (backend/control.py): basic auth, else projects LS has
