@@ -37,18 +37,26 @@ class Planted:
         return (open, (self.path, "w"))
 
 
-def test_the_serializer_writes_json_with_numpy_as_lists_and_refuses_pickles(tmp_path):
+def test_the_serializer_writes_json_with_arrays_and_refuses_anything_else(tmp_path):
     rle = np.arange(6, dtype=np.uint8)
-    value = {"rle": rle, "strided": rle[::2], "score": np.float32(0.5), "n": np.int64(3)}
-    data = JobSerializer.dumps((["worker.jobs.segment"], None, [value], {}))
-    assert orjson.loads(data)[2][0] == {
-        "rle": [0, 1, 2, 3, 4, 5],
-        "strided": [0, 2, 4],
-        "score": 0.5,
-        "n": 3,
-    }
-    with pytest.raises(TypeError, match="not JSON"):
-        JobSerializer.dumps({"set": {1, 2}})
+    value = {"rle": rle, "mask": np.eye(3, dtype=bool)[:, ::2], "score": np.float32(0.5), "n": 3}
+    data = JobSerializer.dumps(["worker.jobs.segment", None, [value], {}])
+    assert orjson.loads(data)[2][0]["rle"] == {"__ndarray__": ["uint8", [6], "AAECAwQF"]}
+    back = JobSerializer.loads(data)[2][0]
+    assert back["rle"].dtype == np.uint8 and back["rle"].tolist() == rle.tolist()
+    assert back["mask"].tolist() == np.eye(3, dtype=bool)[:, ::2].tolist()
+    assert back["score"] == 0.5 and back["n"] == 3
+    for not_json in ({1, 2}, np.array([object()]), np.array([1j])):
+        with pytest.raises(TypeError, match="not JSON"):
+            JobSerializer.dumps({"value": not_json})
+    for planted in (
+        ["object", [1], "AA=="],  # a dtype numpy would unpickle
+        ["uint8", [9], "AAECAwQF"],  # more elements than bytes
+        ["uint8", [6], "not base64!"],
+        "AAECAwQF",
+    ):
+        with pytest.raises(ValueError):
+            JobSerializer.loads(orjson.dumps({"rle": {"__ndarray__": planted}}))
     marker = tmp_path / "unpickled"
     with pytest.raises(ValueError):
         JobSerializer.loads(pickle.dumps(Planted(marker)))
