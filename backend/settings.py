@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .outbound import parse_allow
+
 AUTOLABEL_MODES = ("auto", "boxes", "everything", "off")
 QUEUE_NAMES = ("interactive", "batch", "train")  # in priority order
 
@@ -36,7 +38,14 @@ class Settings:
     image_cache_bytes: int = 256 * 1024**2
     max_download_bytes: int = 64 * 1024**2
     max_image_pixels: int = 64_000_000
-    download_timeout_seconds: float = 20.0
+    download_timeout_seconds: float = 20.0  # per connect/read
+    download_deadline_seconds: float = 60.0  # per image, redirects included
+    # Hosts other than LS's that resolve to non-public addresses are refused; this opens
+    # comma-separated host names (*.suffix too) and IPs/CIDRs, e.g. "minio.internal,10.0.0.0/8".
+    outbound_allow: str = ""
+    # Without LABEL_STUDIO_URL, use /setup's hostname + token as the LS host (off: any caller of
+    # /setup could pick the host that relative image URLs are fetched from).
+    label_studio_trust_setup_host: bool = False
     batch_time_budget_seconds: float = 60.0  # LS cuts /predict at 100 s
     version_pick_cache_seconds: float = 15.0  # how long LS's picked model version is cached
     log_level: str = "INFO"
@@ -101,6 +110,9 @@ class Settings:
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
         if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):
             raise ValueError(f"LABEL_STUDIO_URL must be http(s)://..., got {self.label_studio_url}")
+        if not self.download_deadline_seconds > 0:
+            raise ValueError("DOWNLOAD_DEADLINE_SECONDS must be > 0")
+        parse_allow(self.outbound_allow)
         if self.autolabel_mode not in AUTOLABEL_MODES:
             raise ValueError(
                 f"AUTOLABEL_MODE must be one of {', '.join(AUTOLABEL_MODES)}: {self.autolabel_mode}"
@@ -156,6 +168,9 @@ ENV: dict[str, tuple[str, ...]] = {
     "max_download_bytes": ("MAX_DOWNLOAD_BYTES",),
     "max_image_pixels": ("MAX_IMAGE_PIXELS",),
     "download_timeout_seconds": ("DOWNLOAD_TIMEOUT_SECONDS",),
+    "download_deadline_seconds": ("DOWNLOAD_DEADLINE_SECONDS",),
+    "outbound_allow": ("OUTBOUND_ALLOW",),
+    "label_studio_trust_setup_host": ("LABEL_STUDIO_TRUST_SETUP_HOST",),
     "batch_time_budget_seconds": ("BATCH_TIME_BUDGET_SECONDS",),
     "version_pick_cache_seconds": ("VERSION_PICK_CACHE_SECONDS",),
     "log_level": ("LOG_LEVEL",),

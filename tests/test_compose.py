@@ -67,7 +67,8 @@ DOTENV_VARIABLES = {
 }
 INTERPOLATION = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
 # The required .env values the tests use (compose refuses to start without them).
-DOTENV = {"REDIS_PASSWORD": "test0password"}
+REQUIRED_DOTENV = {"BASIC_AUTH_USER": "ml", "BASIC_AUTH_PASS": "secret"}  # compose refuses without
+DOTENV = {**REQUIRED_DOTENV, "REDIS_PASSWORD": "test0password"}
 REDIS_URL = f"redis://:{DOTENV['REDIS_PASSWORD']}@redis:6379/0"
 
 
@@ -304,8 +305,8 @@ def test_dockerfile_copies_every_package():
     assert re.search(r"^USER (?!root)", text, re.MULTILINE)
 
 
-def docker_compose_config(profile: str | None, dotenv: dict) -> subprocess.CompletedProcess:
-    """``docker-compose config -q`` on the file, with ``dotenv`` as the environment's .env."""
+def compose_config(profile: str | None, dotenv: dict[str, str]) -> subprocess.CompletedProcess:
+    """``docker-compose config -q`` with ``dotenv`` as the .env values (and nothing else)."""
     executable = shutil.which("docker-compose")
     if executable is None:
         pytest.fail("docker-compose is not installed: apt-get install -y docker-compose")
@@ -327,10 +328,19 @@ def docker_compose_config(profile: str | None, dotenv: dict) -> subprocess.Compl
 
 @pytest.mark.parametrize("profile", [None, "cpu", "gpu"])
 def test_docker_compose_accepts_the_file(profile):
-    result = docker_compose_config(profile, DOTENV)
+    result = compose_config(profile, DOTENV)
     assert result.returncode == 0, result.stderr
 
 
 def test_docker_compose_refuses_to_run_without_a_redis_password():
-    result = docker_compose_config(None, {})
+    result = compose_config(None, REQUIRED_DOTENV)
     assert result.returncode != 0 and "set REDIS_PASSWORD in .env" in result.stderr
+
+
+def test_backend_needs_basic_auth_credentials(services):
+    """Compose ships with basic auth on: START_TRAINING and the other control actions need it."""
+    env = services["backend"]["environment"]
+    for name in REQUIRED_DOTENV:
+        assert env[name].startswith(f"${{{name}:?") and env[name].endswith("}"), env[name]
+        missing = compose_config(None, {k: v for k, v in DOTENV.items() if k != name})
+        assert missing.returncode != 0 and "set BASIC_AUTH_USER" in missing.stderr

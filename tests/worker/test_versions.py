@@ -97,7 +97,12 @@ def test_setup_and_batch_serve_the_version_picked_in_label_studio(registry, redi
             assert setup(client) == second  # not a version of project 3: the current one
     ls.api.clear()
     pick(ls, 3, first)
-    with redis_backend(redis_url, None) as client:  # LS's URL and token from /setup
+    asked = len(ls.requests)
+    with redis_backend(redis_url, None) as client:  # /setup's host is not trusted by default
+        assert setup(client, hostname=ls.url, access_token=LEGACY_TOKEN) == second
+    assert len(ls.requests) == asked  # LS was not asked
+    # LS's URL and token from /setup, when trusted (LABEL_STUDIO_TRUST_SETUP_HOST=1)
+    with redis_backend(redis_url, None, label_studio_trust_setup_host=True) as client:
         assert setup(client, hostname=ls.url, access_token=LEGACY_TOKEN) == first
 
 
