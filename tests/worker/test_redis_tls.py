@@ -13,6 +13,7 @@ import redis
 
 from backend.settings import Settings
 from backend.transports import QueueTransport
+from tests.conftest import self_signed_certificate
 from tests.worker.conftest import WorkerProcesses, free_port, wait_until
 
 PASSWORD = "tls0password"
@@ -22,14 +23,7 @@ PASSWORD = "tls0password"
 def tls_redis(tmp_path):
     """A redis-server on 127.0.0.1 with TLS only (a self-signed certificate for 127.0.0.1) and a
     password; yields its ``rediss://`` URL."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"]
-        + ["-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed_certificate(tmp_path, "127.0.0.1", "IP:127.0.0.1")
     port = free_port()
     server = subprocess.Popen(
         [shutil.which("redis-server"), "--port", "0", "--tls-port", str(port)]
