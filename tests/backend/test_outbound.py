@@ -12,7 +12,6 @@ import shutil
 import socket
 import socketserver
 import ssl
-import subprocess
 import threading
 import time
 
@@ -23,6 +22,7 @@ from backend.images import ImageError, ImageLoader
 from backend.outbound import OutboundPolicy, OutboundRefused, parse_allow
 from backend.settings import Settings
 from tests.backend.conftest import LEGACY_TOKEN, FileServer, png_bytes
+from tests.conftest import self_signed_certificate
 
 IMAGE = (np.arange(24 * 32 * 3) % 251).astype(np.uint8).reshape(24, 32, 3)
 REFUSED = "refused by the outbound policy"
@@ -202,14 +202,7 @@ def test_https_connects_to_the_checked_address_and_verifies_the_name(tmp_path, m
     """TLS to a name pinned to its resolved address: SNI and certificate check use the name."""
     if shutil.which("openssl") is None:
         pytest.skip("needs the openssl command to make a certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=images.test"]
-        + ["-addext", "subjectAltName=DNS:images.test"],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed_certificate(tmp_path, "images.test", "DNS:images.test")
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the only CA the loader trusts
     server = FileServer()
     server.files["/a.png"] = png_bytes(IMAGE)
