@@ -128,7 +128,8 @@ class Settings:
         if not 0 < self.train_held_out_fraction < 1:
             raise ValueError("TRAIN_HELD_OUT_FRACTION must be between 0 and 1")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"REDIS_URL must be redis://..., got {self.redis_url}")
+            scheme = self.redis_url.split("://", 1)[0] if "://" in self.redis_url else "no scheme"
+            raise ValueError(f"REDIS_URL must be redis://, rediss:// or unix://, got {scheme}")
         if not self.queue_names or set(self.queue_names) - set(QUEUE_NAMES):
             raise ValueError(f"queues must be some of {', '.join(QUEUE_NAMES)}: {self.queues}")
 
