@@ -38,6 +38,15 @@ def error_response(message: str, status: int) -> JSONResponse:
     return FastJSONResponse({"error": message, "status": status}, status_code=status)
 
 
+CONTROL_PATHS = ("/setup", "/webhook")  # refusals there are logged with the caller's address
+
+
+def client_address(scope: Scope) -> str | None:
+    """The caller's IP address (the proxy's, behind one)."""
+    client = scope.get("client")
+    return client[0] if client else None
+
+
 class BasicAuthMiddleware:
     """HTTP basic auth on every route (constant-time comparison), when configured."""
 
@@ -59,6 +68,10 @@ class BasicAuthMiddleware:
         if scope["type"] != "http" or self._authorised(scope):
             await self.app(scope, receive, send)
             return
+        if scope.get("path") in CONTROL_PATHS:
+            logger.warning(
+                "refused %s from %s: no valid basic auth", scope["path"], client_address(scope)
+            )
         response = JSONResponse(
             {"error": "authentication required", "status": 401},
             status_code=401,
@@ -110,7 +123,8 @@ def create_app(settings: Settings, service: SegmentationService | None = None) -
 
     async def setup(request: Request) -> Response:
         payload = await _json_body(request, settings.max_request_bytes)
-        return FastJSONResponse(await run_in_threadpool(service.setup, payload))
+        source = client_address(request.scope)
+        return FastJSONResponse(await run_in_threadpool(service.setup, payload, source))
 
     async def predict(request: Request) -> Response:
         payload = await _json_body(request, settings.max_request_bytes)
@@ -118,7 +132,8 @@ def create_app(settings: Settings, service: SegmentationService | None = None) -
 
     async def webhook(request: Request) -> Response:
         payload = await _json_body(request, settings.max_request_bytes)
-        body, status = await run_in_threadpool(service.webhook, payload)
+        source = client_address(request.scope)
+        body, status = await run_in_threadpool(service.webhook, payload, source)
         return FastJSONResponse(body, status_code=status)
 
     async def versions(request: Request) -> Response:

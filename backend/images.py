@@ -7,8 +7,15 @@
   which are followed by hand. A legacy token is sent as ``Token <key>``; a personal access token
   (a JWT) is exchanged at ``/api/token/refresh/`` for a short-lived access token, sent as
   ``Bearer`` and refreshed before it expires.
-* Downloads are bounded in bytes and time, images in pixels (checked before decoding); EXIF
-  orientation is applied, so arrays have the size the browser shows.
+* Outbound policy (backend/outbound.py): any host but the LS host is refused when it resolves to a
+  loopback, private, link-local, multicast or reserved address, unless ``OUTBOUND_ALLOW`` opens it;
+  checked on the address connected to, on every redirect hop. Schemes other than http(s)/data
+  are refused. Failures of other hosts say "download failed", never their status or body.
+* ``/setup``'s hostname and token are used only with ``LABEL_STUDIO_TRUST_SETUP_HOST`` on and no
+  ``LABEL_STUDIO_URL``: otherwise whoever calls ``/setup`` first would pick the LS host.
+* Downloads are bounded in bytes and in total time (every socket operation ends by the
+  deadline), images in pixels (checked before decoding); EXIF orientation is applied, so arrays
+  have the size the browser shows.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import json
 import logging
 import threading
 import time
+import typing
 from collections import OrderedDict
 from dataclasses import dataclass
 from urllib.parse import quote, urljoin, urlsplit
@@ -28,6 +36,19 @@ import httpx
 import numpy as np
 
 from efficientsam.utils import image_content_hash
+
+from .outbound import (
+    DeadlineExceeded,
+    GuardedTransport,
+    OutboundPolicy,
+    OutboundRefused,
+    Resolver,
+    deadline,
+    system_resolver,
+)
+
+if typing.TYPE_CHECKING:
+    from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +103,14 @@ class LabelStudioCredentials:
 
     REFRESH_MARGIN_SECONDS = 30.0
 
-    def __init__(self, url: str, api_key: str, client: httpx.Client) -> None:
+    def __init__(
+        self, url: str, api_key: str, client: httpx.Client, trust_setup_host: bool = False
+    ) -> None:
         self.url = url.rstrip("/")
         self.api_key = api_key.strip()
+        self.trust_setup_host = trust_setup_host
         self._client = client
+        self._ignored_setup_host = False
         self._access: str | None = None
         self._access_expires = 0.0
         self._lock = threading.Lock()
@@ -97,17 +122,32 @@ class LabelStudioCredentials:
     def is_label_studio_url(self, url: str) -> bool:
         return bool(self.url) and _origin(url) == _origin(self.url)
 
+    def is_label_studio_host(self, host: str, port: int) -> bool:
+        """Whether ``host:port`` is the LS host (the outbound policy allows it anywhere)."""
+        _, ls_host, ls_port = _origin(self.url)
+        return bool(self.url) and (host.lower(), port) == (ls_host, ls_port)
+
     def or_setup(self, hostname: str | None, access_token: str | None) -> LabelStudioCredentials:
-        """These credentials, or, when no LABEL_STUDIO_URL is configured, what LS's /setup sends
-        (``hostname``, ``access_token``)."""
+        """These credentials, or, when no LABEL_STUDIO_URL is configured and
+        ``trust_setup_host`` is on, what LS's /setup sends (``hostname``, ``access_token``)."""
         if self.url or not hostname or not access_token:
             return self
         if not str(hostname).startswith(("http://", "https://")):
             return self
+        if not self.trust_setup_host:
+            if self._ignored_setup_host:
+                return self
+            self._ignored_setup_host = True
+            logger.warning(
+                "ignoring /setup's hostname %.200s: set LABEL_STUDIO_URL (or "
+                "LABEL_STUDIO_TRUST_SETUP_HOST=1 to let /setup pick the Label Studio host)",
+                hostname,
+            )
+            return self
         logger.info(
             "using Label Studio at %s (from /setup; set LABEL_STUDIO_URL to override)", hostname
         )
-        return LabelStudioCredentials(str(hostname), str(access_token), self._client)
+        return LabelStudioCredentials(str(hostname), str(access_token), self._client, True)
 
     def header(self) -> dict[str, str]:
         if not self.api_key:
@@ -143,7 +183,11 @@ class LabelStudioCredentials:
 
 
 class ImageLoader:
-    """Resolves, downloads, decodes and caches task images (LRU bounded in bytes)."""
+    """Resolves, downloads, decodes and caches task images (LRU bounded in bytes).
+
+    Downloads go through the outbound policy (``outbound_allow``: OUTBOUND_ALLOW's format;
+    ``resolver``: host name -> addresses, injectable for tests) and end within
+    ``download_deadline_seconds`` in total (redirects included)."""
 
     def __init__(
         self,
@@ -153,19 +197,52 @@ class ImageLoader:
         max_image_pixels: int = 64_000_000,
         timeout_seconds: float = 20.0,
         cache_bytes: int = 256 * 1024**2,
-        client: httpx.Client | None = None,
+        *,
+        download_deadline_seconds: float = 60.0,
+        outbound_allow: str = "",
+        trust_setup_host: bool = False,
+        resolver: Resolver = system_resolver,
     ) -> None:
-        self._client = client or httpx.Client(timeout=timeout_seconds, follow_redirects=False)
-        self.credentials = LabelStudioCredentials(label_studio_url, api_key, self._client)
+        policy = OutboundPolicy(
+            outbound_allow,
+            lambda host, port: self.credentials.is_label_studio_host(host, port),
+            resolver,
+        )
+        self._client = httpx.Client(
+            transport=GuardedTransport(policy),
+            timeout=timeout_seconds,
+            follow_redirects=False,
+            trust_env=False,
+        )
+        self.credentials = LabelStudioCredentials(
+            label_studio_url, api_key, self._client, trust_setup_host
+        )
         self.max_download_bytes = max_download_bytes
         self.max_image_pixels = max_image_pixels
+        self.download_deadline_seconds = download_deadline_seconds
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[str, LoadedImage] = OrderedDict()
         self._cache_size = 0
         self._lock = threading.Lock()
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ImageLoader:
+        """A loader with the settings' LS host, key, limits and outbound policy."""
+        return cls(
+            settings.label_studio_url,
+            settings.label_studio_api_key,
+            settings.max_download_bytes,
+            settings.max_image_pixels,
+            settings.download_timeout_seconds,
+            settings.image_cache_bytes,
+            download_deadline_seconds=settings.download_deadline_seconds,
+            outbound_allow=settings.outbound_allow,
+            trust_setup_host=settings.label_studio_trust_setup_host,
+        )
+
     def use_setup_credentials(self, hostname: str | None, access_token: str | None) -> None:
-        """Fall back to what LS's /setup sends when no LABEL_STUDIO_URL/API key is configured."""
+        """What LS's /setup sends, when no LABEL_STUDIO_URL is configured and
+        LABEL_STUDIO_TRUST_SETUP_HOST is on (else ignored)."""
         self.credentials = self.credentials.or_setup(hostname, access_token)
 
     # -- URLs --------------------------------------------------------------------------------
@@ -182,8 +259,11 @@ class ImageLoader:
             self._require_label_studio(url)
             encoded = base64.urlsafe_b64encode(url.encode()).decode()
             return f"{self.credentials.url}/tasks/{task_id}/presign/?fileuri={quote(encoded)}"
-        if url.startswith(("http://", "https://")):
+        scheme = _scheme(url)
+        if scheme in ("http", "https"):
             return url
+        if scheme:
+            _refuse_scheme(scheme)
         self._require_label_studio(url)
         return urljoin(self.credentials.url + "/", url.lstrip("/"))
 
@@ -236,48 +316,88 @@ class ImageLoader:
             raise ImageError(f"bad base64 image data: {error}") from error
 
     def _download(self, url: str) -> bytes:
-        started = time.perf_counter()
-        for _ in range(MAX_REDIRECTS + 1):
-            headers = self.credentials.header() if self.credentials.is_label_studio_url(url) else {}
-            try:
-                with self._client.stream("GET", url, headers=headers) as response:
-                    if response.is_redirect:
-                        url = urljoin(url, response.headers.get("location", ""))
-                        continue
-                    if response.status_code != 200:
+        """GET ``url`` through the outbound policy, following redirects by hand, within the
+        download deadline; errors of hosts other than the LS host say only "download failed"."""
+        started = time.monotonic()
+        with deadline(self.download_deadline_seconds) as until:
+            for _ in range(MAX_REDIRECTS + 1):
+                scheme = _scheme(url)
+                if scheme not in ("http", "https"):
+                    _refuse_scheme(scheme)
+                from_ls = self.credentials.is_label_studio_url(url)
+                try:
+                    data, location = self._get(url, from_ls)
+                except OutboundRefused as error:
+                    raise ImageError(f"refused by the outbound policy: {error}", 422) from None
+                except (httpx.HTTPError, DeadlineExceeded) as error:
+                    if isinstance(error, DeadlineExceeded) or time.monotonic() >= until - 0.01:
                         raise ImageError(
-                            f"image download failed: HTTP {response.status_code} from {_short(url)}",
-                            404 if response.status_code == 404 else 502,
-                        )
-                    declared = int(response.headers.get("content-length") or 0)
-                    if declared > self.max_download_bytes:
+                            f"image download failed: not done within the "
+                            f"{self.download_deadline_seconds:g} s deadline "
+                            f"(DOWNLOAD_DEADLINE_SECONDS): {_short(url)}",
+                            422,
+                        ) from None
+                    if from_ls:
                         raise ImageError(
-                            f"image is {declared} bytes, over the {self.max_download_bytes} limit",
-                            413,
-                        )
-                    chunks, total = [], 0
-                    for chunk in response.iter_bytes():
-                        total += len(chunk)
-                        if total > self.max_download_bytes:
-                            raise ImageError(
-                                f"image is over the {self.max_download_bytes}-byte limit", 413
-                            )
-                        chunks.append(chunk)
+                            f"cannot download image from {_short(url)}: {error}", 502
+                        ) from error
+                    logger.info("image download from %s failed: %r", _short(url), error)
+                    raise ImageError(f"image download failed: {_short(url)}", 422) from None
+                if location is None:
                     logger.debug(
                         "downloaded %s (%d bytes) in %.2f s",
                         _short(url),
-                        total,
-                        time.perf_counter() - started,
+                        len(data),
+                        time.monotonic() - started,
                     )
-                    return b"".join(chunks)
-            except httpx.HTTPError as error:
+                    return data
+                url = urljoin(url, location)
+        raise ImageError(f"image download failed: too many redirects: {_short(url)}", 422)
+
+    def _get(self, url: str, from_ls: bool) -> tuple[bytes, str | None]:
+        """One GET: (body, None), or (b"", the redirect's location)."""
+        headers = self.credentials.header() if from_ls else {}
+        with self._client.stream("GET", url, headers=headers) as response:
+            if response.is_redirect:
+                return b"", response.headers.get("location", "")
+            if response.status_code != 200:
+                if from_ls:
+                    raise ImageError(
+                        f"image download failed: HTTP {response.status_code} from {_short(url)}",
+                        404 if response.status_code == 404 else 502,
+                    )
+                logger.info("image download from %s: HTTP %d", _short(url), response.status_code)
+                raise ImageError(f"image download failed: {_short(url)}", 422)
+            declared = int(response.headers.get("content-length") or 0)
+            if declared > self.max_download_bytes:
                 raise ImageError(
-                    f"cannot download image from {_short(url)}: {error}", 502
-                ) from error
-        raise ImageError(f"too many redirects for {_short(url)}", 502)
+                    f"image is {declared} bytes, over the {self.max_download_bytes} limit", 413
+                )
+            chunks, total = [], 0
+            for chunk in response.iter_bytes():
+                total += len(chunk)
+                if total > self.max_download_bytes:
+                    raise ImageError(f"image is over the {self.max_download_bytes}-byte limit", 413)
+                chunks.append(chunk)
+            return b"".join(chunks), None
 
     def close(self) -> None:
         self._client.close()
+
+
+def _scheme(url: str) -> str:
+    try:
+        return urlsplit(url).scheme.lower()
+    except ValueError:  # e.g. a broken IPv6 literal
+        raise ImageError(f"not a valid URL: {url[:200]}") from None
+
+
+def _refuse_scheme(scheme: str) -> typing.NoReturn:
+    raise ImageError(
+        f"refused by the outbound policy: {scheme[:20]}: URLs are not allowed (http, https, "
+        "data: and cloud storage URIs only)",
+        422,
+    )
 
 
 def _short(url: str) -> str:

@@ -39,17 +39,21 @@ class PickedVersions:
         api_key: str,
         cache_seconds: float = 15.0,
         client: httpx.Client | None = None,
+        trust_setup_host: bool = False,
     ) -> None:
         self._client = client or httpx.Client(
             timeout=LOOKUP_TIMEOUT_SECONDS, follow_redirects=False
         )
-        self.credentials = LabelStudioCredentials(label_studio_url, api_key, self._client)
+        self.credentials = LabelStudioCredentials(
+            label_studio_url, api_key, self._client, trust_setup_host
+        )
         self.cache_seconds = cache_seconds
         self._cache: dict[str, tuple[float, list[str]]] = {}
         self._lock = threading.Lock()
 
     def use_setup_credentials(self, hostname: str | None, access_token: str | None) -> None:
-        """Fall back to what LS's /setup sends when no LABEL_STUDIO_URL/API key is configured."""
+        """What LS's /setup sends, when no LABEL_STUDIO_URL is configured and
+        LABEL_STUDIO_TRUST_SETUP_HOST is on (else ignored)."""
         self.credentials = self.credentials.or_setup(hostname, access_token)
 
     def picked(self, project: str | None) -> list[str]:

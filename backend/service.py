@@ -41,6 +41,7 @@ from .context import (
     parse_context,
     rectangle_box,
 )
+from .control import ControlRefused, ProjectCheck, WebhookAuth, log_refusal
 from .label_config import LabelConfigError, ProjectConfig, parse_label_config
 from .metrics import Metrics
 from .picked import PickedVersions
@@ -203,8 +204,21 @@ class SegmentationService:
             settings.label_studio_url,
             settings.label_studio_api_key,
             settings.version_pick_cache_seconds,
+            trust_setup_host=settings.label_studio_trust_setup_host,
         )
         self._ignored_picks: set[tuple[str | None, tuple[str, ...]]] = set()
+        # control actions (backend/control.py): basic auth, else projects LS has
+        self.projects = ProjectCheck(settings.label_studio_url, settings.label_studio_api_key)
+        self.webhook_auth = (
+            WebhookAuth(
+                settings.basic_auth_user,
+                settings.basic_auth_pass,
+                settings.label_studio_url,
+                settings.label_studio_api_key,
+            )
+            if settings.basic_auth_enabled
+            else None
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -213,6 +227,23 @@ class SegmentationService:
     def close(self) -> None:
         self.transport.close()
         self.picks.close()
+        self.projects.close()
+        if self.webhook_auth is not None:
+            self.webhook_auth.close()
+
+    def allow_control(self, action: str, project: str | None, source: str | None) -> None:
+        """Returns when ``action`` on ``project`` is allowed (basic auth on: the caller passed
+        it; else the project exists on the configured LS); raises ServiceError (403/503) and
+        logs the refusal with ``source`` (the caller's address) otherwise."""
+        if self.settings.basic_auth_enabled:
+            return
+        try:
+            if project is None:
+                raise ControlRefused(f"{action} without a project id", 403)
+            self.projects.require(project)
+        except ControlRefused as error:
+            log_refusal(action, project, source, str(error))
+            raise ServiceError(str(error), error.status) from error
 
     def _guard(self, function, *args):
         """Call the transport (or the project state behind it): its failures become a
@@ -243,16 +274,29 @@ class SegmentationService:
             return {**body, "status": "DOWN", "reason": str(error)}, error.status
         return body, 200
 
-    def setup(self, payload: dict) -> dict:
+    def setup(self, payload: dict, source: str | None = None) -> dict:
+        """LS connecting or refreshing a project; ``source`` is the caller's address.
+        ``extra_params`` that would change the project's settings are applied only when
+        :meth:`allow_control` allows them (else ignored, logged: /setup itself still answers)."""
         project = project_id(payload.get("project"))
         params = payload.get("extra_params")
-        if isinstance(params, dict):
-            self._guard(self.transport.set_project_params, project, params)
+        if isinstance(params, dict) and params != self._guard(
+            self.transport.project_params, project
+        ):
+            try:
+                self.allow_control("extra_params", project, source)
+            except ServiceError:
+                pass  # logged; the project keeps its settings
+            else:
+                self._guard(self.transport.set_project_params, project, params)
         hostname, token = payload.get("hostname"), payload.get("access_token")
         runtime = getattr(self.transport, "runtime", None)
         if runtime is not None:  # embedded: LS's own URL/token when none is configured
             runtime.loader.use_setup_credentials(hostname, token)
         self.picks.use_setup_credentials(hostname, token)
+        if self.webhook_auth is not None:  # /setup passed basic auth: LS's webhook needs it too
+            self.webhook_auth.use_setup_credentials(hostname, token)
+            self.webhook_auth.ensure(project)
         return {"model_version": self.requested_version(project)}
 
     def requested_version(self, project: str | None) -> str:
@@ -289,20 +333,23 @@ class SegmentationService:
         return {"versions": self._guard(self.transport.versions, key)}
 
     # -- /webhook ------------------------------------------------------------------------------
-    def webhook(self, payload: dict) -> tuple[dict, int]:
+    def webhook(self, payload: dict, source: str | None = None) -> tuple[dict, int]:
         """LS's "Start training" and annotation events; answers at once (LS waits 1 s for
-        events), never trains in the request. Returns (body, HTTP status)."""
+        events), never trains in the request. Both are control actions (:meth:`allow_control`,
+        ``source`` is the caller's address). Returns (body, HTTP status)."""
         action = str(payload.get("action") or "")
         project = project_id(payload.get("project"))
         self.metrics.webhooks.labels(action or "unknown").inc()
         if action == "START_TRAINING":
             if project is None:
                 raise ServiceError("START_TRAINING without a project id", 400)
+            self.allow_control(action, project, source)
             job = self._guard(submit_finetune, self.transport, project, "start_training")
             return {"job": job, "status": "queued", "project": project}, 201
         events, deleted = annotation_events(payload)
         if project is None or not (events or deleted):
             return {"status": "ignored", "action": action}, 200
+        self.allow_control(action, project, source)
         count = self._guard(self.transport.project_state.record, project, events, deleted)
         return {"status": "recorded", "action": action, "new_annotations": count}, 200
 

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .outbound import parse_allow
+
 AUTOLABEL_MODES = ("auto", "boxes", "everything", "off")
 QUEUE_NAMES = ("interactive", "batch", "train")  # in priority order
 
@@ -40,7 +42,14 @@ class Settings:
     # it is read. Parsing JSON takes up to ~12x its size (measured: a body of small ints).
     max_request_bytes: int = 64 * 1024**2
     max_image_pixels: int = 64_000_000
-    download_timeout_seconds: float = 20.0
+    download_timeout_seconds: float = 20.0  # per connect/read
+    download_deadline_seconds: float = 60.0  # per image, redirects included
+    # Hosts other than LS's that resolve to non-public addresses are refused; this opens
+    # comma-separated host names (*.suffix too) and IPs/CIDRs, e.g. "minio.internal,10.0.0.0/8".
+    outbound_allow: str = ""
+    # Without LABEL_STUDIO_URL, use /setup's hostname + token as the LS host (off: any caller of
+    # /setup could pick the host that relative image URLs are fetched from).
+    label_studio_trust_setup_host: bool = False
     batch_time_budget_seconds: float = 60.0  # LS cuts /predict at 100 s
     version_pick_cache_seconds: float = 15.0  # how long LS's picked model version is cached
     log_level: str = "INFO"
@@ -105,6 +114,9 @@ class Settings:
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
         if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):
             raise ValueError(f"LABEL_STUDIO_URL must be http(s)://..., got {self.label_studio_url}")
+        if not self.download_deadline_seconds > 0:
+            raise ValueError("DOWNLOAD_DEADLINE_SECONDS must be > 0")
+        parse_allow(self.outbound_allow)
         if self.autolabel_mode not in AUTOLABEL_MODES:
             raise ValueError(
                 f"AUTOLABEL_MODE must be one of {', '.join(AUTOLABEL_MODES)}: {self.autolabel_mode}"
@@ -122,7 +134,8 @@ class Settings:
         if not 0 < self.train_held_out_fraction < 1:
             raise ValueError("TRAIN_HELD_OUT_FRACTION must be between 0 and 1")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"REDIS_URL must be redis://..., got {self.redis_url}")
+            scheme = self.redis_url.split("://", 1)[0] if "://" in self.redis_url else "no scheme"
+            raise ValueError(f"REDIS_URL must be redis://, rediss:// or unix://, got {scheme}")
         if not self.queue_names or set(self.queue_names) - set(QUEUE_NAMES):
             raise ValueError(f"queues must be some of {', '.join(QUEUE_NAMES)}: {self.queues}")
 
@@ -163,6 +176,9 @@ ENV: dict[str, tuple[str, ...]] = {
     "max_request_bytes": ("MAX_REQUEST_BYTES",),
     "max_image_pixels": ("MAX_IMAGE_PIXELS",),
     "download_timeout_seconds": ("DOWNLOAD_TIMEOUT_SECONDS",),
+    "download_deadline_seconds": ("DOWNLOAD_DEADLINE_SECONDS",),
+    "outbound_allow": ("OUTBOUND_ALLOW",),
+    "label_studio_trust_setup_host": ("LABEL_STUDIO_TRUST_SETUP_HOST",),
     "batch_time_budget_seconds": ("BATCH_TIME_BUDGET_SECONDS",),
     "version_pick_cache_seconds": ("VERSION_PICK_CACHE_SECONDS",),
     "log_level": ("LOG_LEVEL",),

@@ -235,6 +235,7 @@ class QueueTransport:
         from rq import Queue
 
         from worker.registry import VersionDirectory
+        from worker.serialization import JobSerializer
 
         self.settings = settings
         self.connection = redis.Redis.from_url(
@@ -244,7 +245,7 @@ class QueueTransport:
             health_check_interval=10,
         )
         self.queues = {
-            name: Queue(name, connection=self.connection)
+            name: Queue(name, connection=self.connection, serializer=JobSerializer)
             for name in ("interactive", "batch", "train")
         }
         self.directory = VersionDirectory(self.connection, settings.redis_key_prefix)
@@ -273,9 +274,11 @@ class QueueTransport:
         import redis
         from rq import Worker
 
+        from worker.serialization import JobSerializer
+
         try:
             self.connection.ping()
-            workers = Worker.all(connection=self.connection)
+            workers = Worker.all(connection=self.connection, serializer=JobSerializer)
             lengths = {name: queue.count for name, queue in self.queues.items()}
         except redis.RedisError as error:
             raise self._unavailable(error) from error
@@ -349,6 +352,8 @@ class QueueTransport:
             result = job.latest_result(timeout=wait)
         except redis.RedisError as error:
             raise self._unavailable(error) from error
+        except ValueError as error:  # not JSON: never ours (see worker/serialization.py)
+            raise TransportError(f"the worker's result is unreadable ({error})", 500) from error
         if result is None:
             with contextlib.suppress(Exception):  # best effort: it may have started meanwhile
                 job.cancel()
@@ -375,6 +380,8 @@ class QueueTransport:
         from rq.exceptions import NoSuchJobError
         from rq.job import Job, JobStatus
 
+        from worker.serialization import JobSerializer
+
         try:
             if job_id is None:
                 return self._enqueue(function, request, queue, job_id, at_front, description)
@@ -384,7 +391,9 @@ class QueueTransport:
                 f"{self.settings.redis_key_prefix}:submit:{job_id}", 30, blocking_timeout=10
             ):
                 try:
-                    existing = Job.fetch(job_id, connection=self.connection)
+                    existing = Job.fetch(
+                        job_id, connection=self.connection, serializer=JobSerializer
+                    )
                     status = existing.get_status(refresh=False)
                     if status not in (
                         JobStatus.FINISHED,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,21 @@ REFERENCE_DIR = FIXTURES_DIR / "efficientsam_ti_reference"
 TI_CHECKPOINT = FIXTURES_DIR / "efficientsam_ti_random.pt"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def self_signed_certificate(directory: Path, name: str, alt_name: str) -> tuple[Path, Path]:
+    """``cert.pem`` and ``key.pem`` in ``directory``: a certificate for ``name`` with the subject
+    alternative name ``alt_name`` (``DNS:host`` or ``IP:address``), valid a day, made by the
+    openssl command; it is its own CA."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}"]
+        + ["-addext", f"subjectAltName={alt_name}"],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
 
 
 def _require(path: Path) -> Path:

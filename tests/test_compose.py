@@ -1,5 +1,6 @@
 """docker-compose.yml and Dockerfile: the services run the commands the other tests run, with env
-names the settings read, and ``docker-compose config`` accepts the file (with each profile)."""
+names the settings read, Redis needs the password from .env (checked against a real
+redis-server), and ``docker-compose config`` accepts the file (with each profile)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,18 @@ import os
 import re
 import shutil
 import subprocess
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import redis
 import yaml
 
 from backend.__main__ import parse_args as backend_args
 from backend.settings import ENV, QUEUE_NAMES, Settings
+from tests.worker.conftest import free_port
+from worker.__main__ import connect as worker_connect
 from worker.__main__ import parse_args as worker_args
 from worker.__main__ import settings_from as worker_settings
 
@@ -49,6 +55,7 @@ LABEL_STUDIO_VARIABLES = {
 }
 # What the user's .env may hold (${NAME} in the compose file); each is documented in its header.
 DOTENV_VARIABLES = {
+    "REDIS_PASSWORD",
     "LABEL_STUDIO_API_KEY",
     "LABEL_STUDIO_USERNAME",
     "LABEL_STUDIO_PASSWORD",
@@ -58,7 +65,11 @@ DOTENV_VARIABLES = {
     "LOG_LEVEL",
     "TORCH_INDEX_URL",
 }
-INTERPOLATION = re.compile(r"\$\{(\w+)(?::?[-?]([^}]*))?\}")
+INTERPOLATION = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+# The required .env values the tests use (compose refuses to start without them).
+REQUIRED_DOTENV = {"BASIC_AUTH_USER": "ml", "BASIC_AUTH_PASS": "secret"}  # compose refuses without
+DOTENV = {**REQUIRED_DOTENV, "REDIS_PASSWORD": "test0password"}
+REDIS_URL = f"redis://:{DOTENV['REDIS_PASSWORD']}@redis:6379/0"
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +83,17 @@ def services(compose) -> dict:
 
 
 def resolve(value: object) -> str:
-    """A compose value as it is with an empty .env (``${X:-default}`` -> default)."""
-    return INTERPOLATION.sub(lambda match: match.group(2) or "", str(value))
+    """A compose value as it is with DOTENV as .env (``${X:-default}`` -> default; ``${X:?why}``
+    needs X in DOTENV)."""
+
+    def substitute(match: re.Match) -> str:
+        name, operator, default = match.groups()
+        if name in DOTENV:
+            return DOTENV[name]
+        assert not (operator or "").endswith("?"), f"{name} is required: add it to DOTENV"
+        return default or ""
+
+    return INTERPOLATION.sub(substitute, str(value))
 
 
 def environment(service: dict) -> dict[str, str]:
@@ -125,7 +145,7 @@ def test_app_commands_are_the_tested_module_invocations(services, name, monkeypa
     assert service["image"] == services["backend"]["image"]
     assert service.get("build") == services["backend"]["build"]
     settings = settings_of(name, service, monkeypatch)  # the real argparse and validation
-    assert settings.redis_url == "redis://redis:6379/0"
+    assert settings.redis_url == REDIS_URL
     if name in MODEL_SERVICES:
         assert settings.queue_names == tuple(COMMANDS[name][-1].split(","))
         assert settings.label_studio_url == "http://label-studio:8080"
@@ -169,6 +189,52 @@ def test_redis_persists_and_has_a_healthcheck(services):
     assert words[words.index("--appendonly") + 1] == "yes"
     assert any(volume.endswith(":/data") for volume in redis["volumes"])
     assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
+    assert "ports" not in redis  # reached on the compose network only
+
+
+def test_redis_needs_the_password_that_every_service_has(services, tmp_path, monkeypatch):
+    """The redis service's own command line (a real redis-server here) refuses clients without
+    the password; its healthcheck and every app service's REDIS_URL (as the workers connect)
+    get in; a wrong password is refused."""
+    redis_service = services["redis"]
+    words = [resolve(word) for word in command(redis_service)]
+    assert words[words.index("--requirepass") + 1] == DOTENV["REDIS_PASSWORD"]
+    port = free_port()
+    server = subprocess.Popen(
+        [shutil.which(words[0]), *words[1:], "--port", str(port), "--bind", "127.0.0.1"],
+        cwd=tmp_path,  # its appendonly files
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        check = redis_service["healthcheck"]["test"]
+        assert check[0] == "CMD-SHELL"
+        script = check[1].replace("redis-cli", f"redis-cli -p {port}")
+
+        def healthy(env: dict) -> bool:
+            done = subprocess.run(["sh", "-c", script], env=env, capture_output=True, timeout=10)
+            return done.returncode == 0
+
+        env = {"PATH": os.environ["PATH"], **environment(redis_service)}
+        start = time.monotonic()
+        while not healthy(env):
+            assert time.monotonic() - start < 10, "redis-server did not answer its healthcheck"
+            time.sleep(0.1)
+        assert not healthy({**env, "REDISCLI_AUTH": "wrong"})
+        assert not healthy({"PATH": os.environ["PATH"]})
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).ping()
+        for name in APP_SERVICES:
+            settings = settings_of(name, services[name], monkeypatch)
+            assert settings.redis_url == REDIS_URL, name
+            local = settings.redis_url.replace("@redis:6379", f"@127.0.0.1:{port}")
+            connection = worker_connect(replace(settings, redis_url=local))
+            assert connection.ping(), name
+            connection.close()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis.from_url(local.replace(DOTENV["REDIS_PASSWORD"], "wrong")).ping()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 def test_label_studio_can_call_a_backend_on_the_network(services):
@@ -239,19 +305,42 @@ def test_dockerfile_copies_every_package():
     assert re.search(r"^USER (?!root)", text, re.MULTILINE)
 
 
-@pytest.mark.parametrize("profile", [None, "cpu", "gpu"])
-def test_docker_compose_accepts_the_file(profile):
+def compose_config(profile: str | None, dotenv: dict[str, str]) -> subprocess.CompletedProcess:
+    """``docker-compose config -q`` with ``dotenv`` as the .env values (and nothing else)."""
     executable = shutil.which("docker-compose")
     if executable is None:
         pytest.fail("docker-compose is not installed: apt-get install -y docker-compose")
     profile_args = ["--profile", profile] if profile else []
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
-    result = subprocess.run(
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("COMPOSE_") and k not in DOTENV_VARIABLES
+    }
+    return subprocess.run(
         [executable, "-f", str(COMPOSE_FILE), *profile_args, "config", "-q"],
         cwd=REPO_ROOT,
-        env=env,
+        env={**env, **dotenv},
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+@pytest.mark.parametrize("profile", [None, "cpu", "gpu"])
+def test_docker_compose_accepts_the_file(profile):
+    result = compose_config(profile, DOTENV)
     assert result.returncode == 0, result.stderr
+
+
+def test_docker_compose_refuses_to_run_without_a_redis_password():
+    result = compose_config(None, REQUIRED_DOTENV)
+    assert result.returncode != 0 and "set REDIS_PASSWORD in .env" in result.stderr
+
+
+def test_backend_needs_basic_auth_credentials(services):
+    """Compose ships with basic auth on: START_TRAINING and the other control actions need it."""
+    env = services["backend"]["environment"]
+    for name in REQUIRED_DOTENV:
+        assert env[name].startswith(f"${{{name}:?") and env[name].endswith("}"), env[name]
+        missing = compose_config(None, {k: v for k, v in DOTENV.items() if k != name})
+        assert missing.returncode != 0 and "set BASIC_AUTH_USER" in missing.stderr

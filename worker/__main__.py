@@ -107,11 +107,9 @@ def work(settings: Settings, args: argparse.Namespace) -> int:
 
 def cron(settings: Settings, args: argparse.Namespace) -> int:
     """RQ's cron scheduler with this service's periodic jobs (see worker/schedule.py)."""
-    from rq.cron import CronScheduler
+    from .schedule import JsonCronScheduler, register_periodic_jobs
 
-    from .schedule import register_periodic_jobs
-
-    scheduler = CronScheduler(connect(settings), logging_level=settings.log_level.upper())
+    scheduler = JsonCronScheduler(connect(settings), logging_level=settings.log_level.upper())
     register_periodic_jobs(scheduler, settings)
     scheduler.start()
     return 0

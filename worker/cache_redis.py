@@ -4,9 +4,10 @@ Redis tier: one value per image embedding under ``<prefix>:embedding:<key>`` (ke
 fingerprint, preprocessing/precision, image content hash, see ``efficientsam.cache``), stored as
 float16 by default (half of float32's 4 MiB per image; measured on the Ti fixture: best-mask IoU
 0.9998 against float32, logits within 1e-3) or float32. A small header records the dtype and
-shape. Bounded in bytes with least-recently-used eviction (a sorted set of last-use times and a
-hash of entry sizes, updated by one Lua script per write, so concurrent workers never push the
-total over the cap) and a TTL on every entry. The cap is ours, not Redis' ``maxmemory``: RQ's
+shape; the rest is the raw array, nothing executable. A value that does not decode (corrupt or
+planted) is a miss and is dropped. Bounded in bytes with least-recently-used eviction (a sorted
+set of last-use times and a hash of entry sizes, updated by one Lua script per write, so
+concurrent workers never push the total over the cap) and a TTL on every entry. The cap is ours, not Redis' ``maxmemory``: RQ's
 queues share the server and must never be evicted.
 
 Two tiers: the in-process LRU (hot, float32, on the model's device) in front of Redis.
@@ -14,6 +15,7 @@ Two tiers: the in-process LRU (hot, float32, on the model's device) in front of 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 import threading
@@ -85,7 +87,10 @@ def encode_embedding(embeddings: torch.Tensor, dtype: str = "float16") -> bytes:
 
 
 def decode_embedding(data: bytes) -> np.ndarray:
-    """Bytes from :func:`encode_embedding` -> (1, C, H, W) float32 array."""
+    """Bytes from :func:`encode_embedding` -> (1, C, H, W) float32 array; ValueError for bytes
+    that are not such a value."""
+    if len(data) < _HEADER.size:
+        raise ValueError("not an embedding written by this cache")
     magic, code, channels, height, width = _HEADER.unpack_from(data)
     if magic != _MAGIC or code not in _DTYPES:
         raise ValueError("not an embedding written by this cache")
@@ -137,8 +142,17 @@ class RedisEmbeddingCache:
         if data is None:
             self._count("_misses")
             return None
+        try:
+            array = decode_embedding(data)
+        except ValueError as error:  # corrupt or planted: never used, never executed
+            self._count("_misses")
+            logger.warning("shared embedding cache: dropped %s: %s", entry, error)
+            with contextlib.suppress(redis.RedisError):
+                self.connection.delete(entry)
+                self._drop(keys=self._keys(key))  # its bytes back to the cap
+            return None
         self._count("_hits")
-        return torch.from_numpy(decode_embedding(data))
+        return torch.from_numpy(array)
 
     def put(self, key: EmbeddingKey, embeddings: torch.Tensor) -> None:
         import redis

@@ -1,8 +1,10 @@
 """The RQ worker class that holds the model: jobs run in this process, never in a fork.
 
 ``ModelWorker`` is RQ's ``SimpleWorker`` (the job runs in the worker's main thread, so the model
-is loaded once per process and CUDA is never forked) with four additions:
+is loaded once per process and CUDA is never forked) with five additions:
 
+* jobs, their meta and results are JSON (:class:`~worker.serialization.JobSerializer`), never
+  pickles: a job whose data is not JSON fails without being executed;
 * the process's :class:`~worker.runtime.ModelRuntime` is installed for every job
   (``worker.jobs.use_runtime``), so job functions stay plain importable functions;
 * a heartbeat thread keeps the job's execution alive in RQ's started-job registry with a short
@@ -44,6 +46,7 @@ from rq.worker_registration import REDIS_WORKER_KEYS
 
 from .jobs import use_runtime
 from .runtime import ModelRuntime
+from .serialization import JobSerializer
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -116,6 +119,7 @@ class ModelWorker(SimpleWorker):
         self.heartbeat_seconds = max(1, int(heartbeat_seconds))
         kwargs.setdefault("worker_ttl", max(30, 6 * self.heartbeat_seconds))
         kwargs.setdefault("maintenance_interval", maintenance_seconds or 3 * self.heartbeat_seconds)
+        kwargs["serializer"] = JobSerializer  # never RQ's default, pickle
         super().__init__(queues, **kwargs)
         self.runtime = runtime
         self.stopping = False  # a SIGTERM/SIGINT asked this worker to stop

@@ -11,6 +11,7 @@ from backend.settings import Settings
 from backend.transports import QueueTransport
 
 from .registry import VersionDirectory
+from .serialization import JobSerializer
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -25,11 +26,11 @@ def queue_status(connection: Redis, settings: Settings, failures: int = 10) -> d
     from rq.job import Job
     from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 
-    workers = Worker.all(connection=connection)
+    workers = Worker.all(connection=connection, serializer=JobSerializer)
     report: dict = {"queues": {}, "workers": [], "recent_failures": []}
     failed_ids: list[str] = []
     for name in QUEUES:
-        queue = Queue(name, connection=connection)
+        queue = Queue(name, connection=connection, serializer=JobSerializer)
         failed = FailedJobRegistry(queue=queue)
         report["queues"][name] = {
             "queued": queue.count,
@@ -50,7 +51,7 @@ def queue_status(connection: Redis, settings: Settings, failures: int = 10) -> d
                 "failed": worker.failed_job_count,
             }
         )
-    for job in Job.fetch_many(failed_ids[:failures], connection=connection):
+    for job in Job.fetch_many(failed_ids[:failures], connection, JobSerializer):
         if job is None:
             continue
         result = job.latest_result()
@@ -118,7 +119,7 @@ def wait_for_jobs(connection: Redis, job_ids: list[str], description: str) -> di
     with tqdm(total=len(job_ids), desc=description, unit="task") as bar:
         while pending:
             for job_id, job in zip(
-                list(pending), Job.fetch_many(list(pending), connection=connection), strict=True
+                list(pending), Job.fetch_many(list(pending), connection, JobSerializer), strict=True
             ):
                 if job is None:  # expired: its result TTL passed
                     pending.discard(job_id)
@@ -149,7 +150,7 @@ def follow_training(connection: Redis, job_id: str, poll_seconds: float = 1.0) -
     from rq.job import Job, JobStatus
     from tqdm import tqdm
 
-    job = Job.fetch(job_id, connection=connection)
+    job = Job.fetch(job_id, connection=connection, serializer=JobSerializer)
     with tqdm(desc="fine-tune", unit="step") as bar:
         while True:
             state = job.get_status()

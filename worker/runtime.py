@@ -130,14 +130,7 @@ class ModelRuntime:
         self.redis = redis
         self._compute = compute or (lambda function: function())
         self.checkpoint = find_checkpoint(settings)
-        self.loader = loader or ImageLoader(
-            settings.label_studio_url,
-            settings.label_studio_api_key,
-            settings.max_download_bytes,
-            settings.max_image_pixels,
-            settings.download_timeout_seconds,
-            settings.image_cache_bytes,
-        )
+        self.loader = loader or ImageLoader.from_settings(settings)
         self.registry = ModelRegistry(settings.model_dir, redis, settings.redis_key_prefix)
         self.project_state = (
             RedisProjectState(redis, settings.redis_key_prefix)

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 LEGACY_TOKEN = "0123456789abcdef0123456789abcdef01234567"
+JSON_TYPE = "application/json"
 
 
 def _jwt(payload: dict) -> str:
@@ -41,13 +42,16 @@ def png_bytes(array: np.ndarray, exif_orientation: int | None = None, fmt: str =
 class FileServer:
     """Serves ``files`` (path -> bytes) like LS: /data/... needs Token <legacy> or Bearer <access>;
     /api/token/refresh/ exchanges the PAT; ``api`` (path without query -> JSON value) answers
-    GET /api/... with the same auth; records every request's path and auth header."""
+    GET /api/... with the same auth; records every request's path and auth header.
+    ``PATCH /api/webhooks/<id>`` (same auth) updates that webhook in ``api["/api/webhooks"]``
+    like LS and is recorded in ``patches`` as (path, body)."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.api: dict[str, object] = {}
         self.redirects: dict[str, str] = {}
         self.requests: list[tuple[str, str | None]] = []
+        self.patches: list[tuple[str, dict]] = []
         self.access_tokens: list[str] = []
         self.access_lifetime = 300
         server = self
@@ -81,22 +85,39 @@ class FileServer:
                 else:
                     self._send(401, b'{"detail": "bad token"}')
 
+            def _authorised(self, auth: str | None) -> bool:
+                allowed = {f"Token {LEGACY_TOKEN}"} | {f"Bearer {t}" for t in server.access_tokens}
+                if auth in allowed:
+                    return True
+                self._send(401, b'{"detail": "auth"}')
+                return False
+
+            def do_PATCH(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"{}")
+                server.requests.append((self.path, self.headers.get("Authorization")))
+                if not self._authorised(self.headers.get("Authorization")):
+                    return
+                for hook in server.api.get("/api/webhooks") or []:
+                    if self.path == f"/api/webhooks/{hook['id']}":
+                        hook.update(body)
+                        server.patches.append((self.path, body))
+                        self._send(200, json.dumps(hook).encode(), {"Content-Type": JSON_TYPE})
+                        return
+                self._send(404, b'{"detail": "Not found."}')
+
             def do_GET(self):
                 auth = self.headers.get("Authorization")
                 server.requests.append((self.path, auth))
                 if self.path in server.redirects:
                     self._send(302, b"", {"Location": server.redirects[self.path]})
                     return
-                if self.path.startswith(("/data/", "/tasks/", "/api/")):
-                    allowed = {f"Token {LEGACY_TOKEN}"} | {
-                        f"Bearer {t}" for t in server.access_tokens
-                    }
-                    if auth not in allowed:
-                        self._send(401, b'{"detail": "auth"}')
-                        return
+                protected = self.path.startswith(("/data/", "/tasks/", "/api/"))
+                if protected and not self._authorised(auth):
+                    return
                 if self.path.split("?")[0] in server.api:
                     body = json.dumps(server.api[self.path.split("?")[0]]).encode()
-                    self._send(200, body, {"Content-Type": "application/json"})
+                    self._send(200, body, {"Content-Type": JSON_TYPE})
                     return
                 if self.path not in server.files:
                     self._send(404, b"not found")

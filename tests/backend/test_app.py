@@ -246,7 +246,8 @@ def test_metrics_count_cache_hits(client):
     assert "backend_decoder_seconds_count" in text
 
 
-def test_webhook_answers_at_once(client):
+def test_webhook_answers_at_once(client, server):
+    server.api["/api/projects/1"] = {"id": 1}  # control actions: for projects LS has
     started = time.monotonic()
     response = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
     assert response.status_code == 201 and response.json()["job"] == "finetune-p1"

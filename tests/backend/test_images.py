@@ -54,7 +54,8 @@ def test_access_token_reused_while_valid(file_server):
 def test_token_never_goes_to_another_host(file_server, second_server):
     second_server.files["/elsewhere.png"] = png_bytes(IMAGE)
     file_server.redirects["/data/upload/1/r.png"] = f"{second_server.url}/elsewhere.png"
-    loader = ImageLoader(file_server.url, LEGACY_TOKEN)
+    # The other host is on loopback too: only OUTBOUND_ALLOW lets the loader reach it.
+    loader = ImageLoader(file_server.url, LEGACY_TOKEN, outbound_allow="127.0.0.1")
     np.testing.assert_array_equal(loader.load("/data/upload/1/r.png").array, IMAGE)
     assert second_server.requests == [("/elsewhere.png", None)]
     # A plain URL on another host: fetched without credentials.
@@ -124,4 +125,9 @@ def test_wrong_token_and_missing_configuration(file_server):
         ImageLoader().load("/data/upload/1/a.png")
     loader = ImageLoader()
     loader.use_setup_credentials(file_server.url, LEGACY_TOKEN)  # what /setup hands over
+    with pytest.raises(ImageError, match="LABEL_STUDIO_URL"):  # ignored unless trusted
+        loader.load("/data/upload/1/a.png")
+    assert file_server.requests == [("/data/upload/1/a.png", "Token wrong-token")]
+    loader = ImageLoader(trust_setup_host=True)  # LABEL_STUDIO_TRUST_SETUP_HOST=1
+    loader.use_setup_credentials(file_server.url, LEGACY_TOKEN)
     assert loader.load("/data/upload/1/a.png").size == (64, 48)

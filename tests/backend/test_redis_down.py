@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import socket
 
 import pytest
@@ -18,8 +19,11 @@ def client():
     with socket.socket() as probe:  # a port that nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    settings = Settings.from_env({}, redis_url=f"redis://127.0.0.1:{port}/0")
-    with TestClient(create_app(settings)) as test_client:
+    settings = Settings.from_env(
+        {}, redis_url=f"redis://127.0.0.1:{port}/0", basic_auth_user="ml", basic_auth_pass="pw"
+    )
+    auth = {"Authorization": "Basic " + base64.b64encode(b"ml:pw").decode()}
+    with TestClient(create_app(settings), headers=auth) as test_client:
         yield test_client
 
 

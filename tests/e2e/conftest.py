@@ -21,6 +21,7 @@ from tests.conftest import REFERENCE_DIR, REPO_ROOT, TI_CHECKPOINT
 
 HARNESS = Path(__file__).parent / "ls_harness"
 LS_TOKEN = "0123456789abcdef0123456789abcdef01234567"
+LS_USER, LS_PASSWORD = "admin@example.com", "Passw0rd!"  # the user start_ls.sh creates
 LABEL_CONFIG = """<View>
   <Image name="image" value="$image" zoom="true"/>
   <BrushLabels name="tag" toName="image" smart="true">
@@ -72,6 +73,8 @@ def label_studio(tmp_path_factory):
         "RUN_DIR": str(run_dir),
         "LS_PORT": str(port),
         "LS_TOKEN": LS_TOKEN,
+        "LS_USER": LS_USER,
+        "LS_PASS": LS_PASSWORD,
         "LS_FRESH": "1",
     }
     subprocess.run(["bash", str(HARNESS / "install_ls.sh")], env=env, check=True, timeout=900)
@@ -140,6 +143,25 @@ class Processes:
                 os.killpg(process.pid, 9)
                 process.wait()
             print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
+
+
+@contextmanager
+def embedded_deployment(
+    label_studio: httpx.Client, log_dir: Path, env: dict, ready_seconds: float = 60
+) -> Iterator[str]:
+    """The embedded deployment as a process: ``python -m backend`` without REDIS_URL. Yields its
+    URL once its model is ready."""
+    processes = Processes(label_studio, log_dir, env)
+    url = processes.backend()
+    try:
+        wait_for(
+            f"{url}/health",
+            ready_seconds,
+            lambda r: r.status_code == 200 and r.json()["model_ready"],
+        )
+        yield url
+    finally:
+        processes.stop()
 
 
 @contextmanager

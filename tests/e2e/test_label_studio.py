@@ -15,13 +15,12 @@ import pytest
 
 from tests.backend.conftest import decode_brush
 from tests.e2e.conftest import (
-    Processes,
     annotate_box,
     ask,
+    embedded_deployment,
     keypoint,
     make_project,
     retrieve_predictions,
-    wait_for,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -29,15 +28,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def backend(label_studio, tmp_path_factory):
-    processes = Processes(
-        label_studio, tmp_path_factory.mktemp("embedded"), {"AUTOLABEL_POINTS_PER_SIDE": "4"}
-    )
-    url = processes.backend()
-    try:
-        wait_for(f"{url}/health", 60, lambda r: r.status_code == 200 and r.json()["model_ready"])
+    log_dir = tmp_path_factory.mktemp("embedded")
+    with embedded_deployment(label_studio, log_dir, {"AUTOLABEL_POINTS_PER_SIDE": "4"}) as url:
         yield url
-    finally:
-        processes.stop()
 
 
 @pytest.fixture(scope="module")

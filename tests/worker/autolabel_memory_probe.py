@@ -39,7 +39,9 @@ def disc_decoder(prepared, points, labels, multimask_output, input_h, input_w, *
     grid spacing (low-res pixels) around its point, logits 40 * (radius - distance) (stability
     ~0.99)."""
     xy = points[0, :, 0].float() * torch.tensor([256.0 / input_w, 256.0 / input_h])  # (Q, 2)
-    radius = 0.4 * float(xy[:, 0].min()) * 2  # the first column sits half a spacing in
+    columns = torch.unique(xy[:, 0])  # a batch holds neighbours of one row (x varies fastest)
+    spacing = float(columns.diff().min()) if len(columns) > 1 else 2 * float(columns[0])
+    radius = 0.4 * spacing
     grid = torch.arange(256, dtype=torch.float32) + 0.5
     distance = torch.hypot(
         grid[None, None, :] - xy[:, 0, None, None], grid[None, :, None] - xy[:, 1, None, None]

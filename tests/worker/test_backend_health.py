@@ -8,6 +8,7 @@ from starlette.testclient import TestClient
 from backend.app import create_app
 from backend.settings import Settings
 from worker.registry import ModelRegistry
+from worker.serialization import JobSerializer
 
 
 def test_no_interactive_worker_is_503_even_with_a_published_version(
@@ -41,5 +42,5 @@ def test_opening_a_task_queues_only_its_embedding(redis_connection, redis_url, t
         response = client.post("/predict", json=predict_request([task], None))
     assert response.status_code == 200
     assert "result" not in response.json()["results"][0]
-    jobs = Queue("batch", connection=redis_connection).jobs
+    jobs = Queue("batch", connection=redis_connection, serializer=JobSerializer).jobs
     assert [job.func_name for job in jobs] == ["worker.jobs.prewarm"]

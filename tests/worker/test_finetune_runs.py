@@ -18,6 +18,7 @@ from tests.worker.ls_api import LabelStudioApiServer
 from worker import jobs
 from worker.projects import annotation_events
 from worker.runtime import ModelRuntime
+from worker.serialization import JobSerializer
 
 IMAGE = "/data/upload/3/image.png"
 FAST_TRAINING = {"TRAIN_STEPS": "2", "TRAIN_MIN_TASKS": "3", "TORCH_THREADS": "1"}
@@ -143,7 +144,7 @@ def test_a_crashed_run_keeps_the_count_and_is_retried_only_before_training(
         run_train_worker(runtime, redis_connection)
     finally:
         runtime.close()
-    job = Job.fetch(job_id, connection=redis_connection)
+    job = Job.fetch(job_id, connection=redis_connection, serializer=JobSerializer)
     assert job.get_status() == JobStatus.FAILED
     assert "versions" in job.latest_result().exc_string
     attempts = label_studio.answered("/api/projects/3")
@@ -162,7 +163,7 @@ def test_two_submits_at_once_queue_one_finetune(redis_connection, redis_url):
 
     settings = Settings.from_env({"REDIS_URL": redis_url}, checkpoint=TI_CHECKPOINT)
     transports = [QueueTransport(settings) for _ in range(6)]
-    queue = Queue("train", connection=redis_connection)
+    queue = Queue("train", connection=redis_connection, serializer=JobSerializer)
     for _ in range(15):
         start = threading.Barrier(len(transports))
 

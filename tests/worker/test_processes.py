@@ -24,6 +24,7 @@ from tests.backend.conftest import (
 )
 from tests.conftest import REPO_ROOT
 from tests.worker.conftest import IMAGE, WorkerProcesses, free_port, start_redis, wait_until
+from worker.serialization import JobSerializer
 
 pytestmark = pytest.mark.slow
 
@@ -128,7 +129,7 @@ def test_a_job_of_a_killed_worker_is_retried_by_another(
         "output": {"tag": "BrushLabels", "name": "tag", "to_name": "image", "labels": ["Object"]},
     }
     job_id = transport.submit("autolabel", request, "batch", "autolabel-kill-test")
-    job = Job.fetch(job_id, connection=redis_connection)
+    job = Job.fetch(job_id, connection=redis_connection, serializer=JobSerializer)
     wait_until(lambda: job.get_status() == JobStatus.STARTED, 60, "the job started", 0.02)
     os.kill(first.pid, signal.SIGKILL)
     first.wait()

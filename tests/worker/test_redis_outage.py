@@ -29,6 +29,7 @@ from tests.worker.conftest import (
     start_redis,
     wait_until,
 )
+from worker.serialization import JobSerializer
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +118,8 @@ def test_workers_ride_out_a_redis_outage_mid_job(tmp_path):
             )
             wait_until(
                 lambda: all(
-                    Job.fetch(j, connection=transport.connection).get_status() == JobStatus.FINISHED
+                    Job.fetch(j, transport.connection, JobSerializer).get_status()
+                    == JobStatus.FINISHED
                     for j in job_ids
                 ),
                 30,
@@ -145,7 +147,7 @@ def test_workers_ride_out_a_redis_outage_mid_job(tmp_path):
         job_ids = retrieve_predictions(range(TASKS + 1, 2 * TASKS + 1))
         wait_until(
             lambda: any(
-                (job := Job.fetch(j, connection=transport.connection)).get_status()
+                (job := Job.fetch(j, transport.connection, JobSerializer)).get_status()
                 == JobStatus.STARTED
                 and job.worker_name == doomed.log_path.stem
                 for j in job_ids

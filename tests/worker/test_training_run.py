@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from worker.serialization import JobSerializer
 from worker.training_run import held_out_score, promotion_decision
 
 
@@ -82,7 +83,7 @@ def test_periodic_trigger_queues_one_finetune_per_project_over_the_threshold(
     assert first == {"queued": {"3": "finetune-p3"}, "threshold": 3}
     again = jobs.schedule_training({}, runtime=runtime)
     assert again["queued"] == {"3": "finetune-p3"}
-    queue = Queue("train", connection=redis_connection)
+    queue = Queue("train", connection=redis_connection, serializer=JobSerializer)
     assert queue.job_ids == ["finetune-p3"]
     job = queue.fetch_job("finetune-p3")
     assert job.func_name == "worker.jobs.finetune"

@@ -16,6 +16,7 @@ from tests.conftest import TI_CHECKPOINT
 from tests.worker.conftest import IMAGE
 from tests.worker.test_registry import BASE, store_version
 from worker.registry import ModelRegistry
+from worker.serialization import JobSerializer
 
 
 @pytest.fixture
@@ -87,7 +88,7 @@ def test_setup_and_batch_serve_the_version_picked_in_label_studio(registry, redi
         (entry,) = client.post("/predict", json=request).json()["results"]
         assert entry["model_version"] == first and "queued as job" in entry["skipped"]
         job_id = entry["skipped"].split("queued as job ")[1].split(":")[0]
-        job = Job.fetch(job_id, connection=registry.redis)
+        job = Job.fetch(job_id, connection=registry.redis, serializer=JobSerializer)
         assert job.args[0]["model_version"] == first  # the worker serves exactly this one
         pick(ls, 3, BASE)
         assert setup(client) == BASE  # a roll-back to the base from LS
@@ -96,7 +97,12 @@ def test_setup_and_batch_serve_the_version_picked_in_label_studio(registry, redi
             assert setup(client) == second  # not a version of project 3: the current one
     ls.api.clear()
     pick(ls, 3, first)
-    with redis_backend(redis_url, None) as client:  # LS's URL and token from /setup
+    asked = len(ls.requests)
+    with redis_backend(redis_url, None) as client:  # /setup's host is not trusted by default
+        assert setup(client, hostname=ls.url, access_token=LEGACY_TOKEN) == second
+    assert len(ls.requests) == asked  # LS was not asked
+    # LS's URL and token from /setup, when trusted (LABEL_STUDIO_TRUST_SETUP_HOST=1)
+    with redis_backend(redis_url, None, label_studio_trust_setup_host=True) as client:
         assert setup(client, hostname=ls.url, access_token=LEGACY_TOKEN) == first
 
 
