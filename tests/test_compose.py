@@ -55,6 +55,7 @@ LABEL_STUDIO_VARIABLES = {
 }
 # What the user's .env may hold (${NAME} in the compose file); each is documented in its header.
 DOTENV_VARIABLES = {
+    "OUTBOUND_ALLOW",
     "REDIS_PASSWORD",
     "LABEL_STUDIO_API_KEY",
     "LABEL_STUDIO_USERNAME",
