@@ -145,13 +145,16 @@ class WebhookAuth:
         tries: int = 5,
         retry_seconds: float = 1.0,
         again_seconds: float = 60.0,
+        trust_setup_host: bool = False,
     ) -> None:
         self.user = user
         self.header = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
         self._client = client or httpx.Client(
             timeout=LOOKUP_TIMEOUT_SECONDS, follow_redirects=False
         )
-        self.credentials = LabelStudioCredentials(label_studio_url, api_key, self._client)
+        self.credentials = LabelStudioCredentials(
+            label_studio_url, api_key, self._client, trust_setup_host
+        )
         self.tries = tries
         self.retry_seconds = retry_seconds
         self.again_seconds = again_seconds

@@ -29,6 +29,7 @@ import threading
 import time
 import typing
 from collections import OrderedDict
+from contextvars import ContextVar
 from dataclasses import dataclass
 from urllib.parse import quote, urljoin, urlsplit
 
@@ -54,6 +55,10 @@ logger = logging.getLogger(__name__)
 
 CLOUD_SCHEMES = ("s3://", "gs://", "azure-blob://", "gcs://")
 MAX_REDIRECTS = 5
+# A caller's own deadline (time.monotonic()) that caps DOWNLOAD_DEADLINE_SECONDS: the embedded
+# backend sets it for a batch task predicted inside LS's request, so that a slow host cannot
+# carry the request past LS's 100 s.
+caller_deadline: ContextVar[float | None] = ContextVar("image_caller_deadline", default=None)
 
 
 class ImageError(Exception):
@@ -319,7 +324,10 @@ class ImageLoader:
         """GET ``url`` through the outbound policy, following redirects by hand, within the
         download deadline; errors of hosts other than the LS host say only "download failed"."""
         started = time.monotonic()
-        with deadline(self.download_deadline_seconds) as until:
+        seconds = self.download_deadline_seconds
+        if (cap := caller_deadline.get()) is not None:
+            seconds = max(0.05, min(seconds, cap - started))
+        with deadline(seconds) as until:
             for _ in range(MAX_REDIRECTS + 1):
                 scheme = _scheme(url)
                 if scheme not in ("http", "https"):
@@ -333,8 +341,9 @@ class ImageLoader:
                     if isinstance(error, DeadlineExceeded) or time.monotonic() >= until - 0.01:
                         raise ImageError(
                             f"image download failed: not done within the "
-                            f"{self.download_deadline_seconds:g} s deadline "
-                            f"(DOWNLOAD_DEADLINE_SECONDS): {_short(url)}",
+                            f"{seconds:.3g} s deadline "
+                            f"(DOWNLOAD_DEADLINE_SECONDS, or the request's time budget): "
+                            f"{_short(url)}",
                             422,
                         ) from None
                     if from_ls:

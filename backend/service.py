@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 
 import redis
@@ -215,6 +216,7 @@ class SegmentationService:
                 settings.basic_auth_pass,
                 settings.label_studio_url,
                 settings.label_studio_api_key,
+                trust_setup_host=settings.label_studio_trust_setup_host,
             )
             if settings.basic_auth_enabled
             else None
@@ -257,6 +259,8 @@ class SegmentationService:
                 f"Redis is unavailable ({error}); the backend recovers by itself once it is back",
                 503,
             ) from error
+        except CancelledError as error:  # the server is shutting down: queued work dropped
+            raise ServiceError("the backend is shutting down; try again", 503) from error
 
     # -- /health, /setup, /versions ------------------------------------------------------------
     def health(self) -> tuple[dict, int]:

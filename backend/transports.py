@@ -89,14 +89,16 @@ class EmbeddedTransport:
         self.settings = settings
         # Every torch call runs on this one thread (one OpenMP team, see worker/compute.py),
         # clicks first: batch work lets waiting clicks run at its checkpoints.
-        self._compute = ComputeThread()
+        self._compute = ComputeThread(isolation=_fresh_torch_state)
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="background")
         from efficientsam.build import CheckpointError
         from worker.runtime import ConfigurationError
 
         started = time.perf_counter()
         try:
-            self.runtime = ModelRuntime(settings, compute=self._compute.run)
+            self.runtime = ModelRuntime(
+                settings, compute=self._compute.run, checkpoint=self._compute.checkpoint
+            )
             self.base_version = checkpoint_version(self.runtime.checkpoint)
         except (CheckpointError, ConfigurationError, OSError) as error:
             raise TransportError(str(error), 500) from error
@@ -178,15 +180,23 @@ class EmbeddedTransport:
         import worker.jobs
         from worker.compute import BACKGROUND, URGENT, work_class
 
-        self._wait_ready(max(timeout, 60.0))
+        from .images import caller_deadline
+
         if queue == "interactive":
+            self._wait_ready(max(timeout, 60.0))
             token = work_class.set((URGENT, None))
-        else:
-            token = work_class.set((BACKGROUND, time.monotonic() + timeout))
+            download_token = None
+        else:  # the time budget covers the wait, the download and the model work
+            until = time.monotonic() + timeout
+            self._wait_ready(timeout)
+            token = work_class.set((BACKGROUND, until))
+            download_token = caller_deadline.set(until)
         try:
             return getattr(worker.jobs, function)(request, runtime=self.runtime)
         finally:
             work_class.reset(token)
+            if download_token is not None:
+                caller_deadline.reset(download_token)
 
     def submit(
         self,
@@ -223,6 +233,21 @@ class EmbeddedTransport:
 
     def set_project_params(self, project: str | None, params: dict) -> None:
         self._params[str(project)] = dict(params)
+
+
+def _fresh_torch_state():
+    """Around a click run inline inside background work (worker/compute.py): none of that
+    work's torch modes (autocast, inference mode) leak into it; the click sets its own."""
+    import contextlib
+
+    import torch
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.autocast("cpu", enabled=False))
+    if torch.cuda.is_available():
+        stack.enter_context(torch.autocast("cuda", enabled=False))
+    return stack
 
 
 class QueueTransport:

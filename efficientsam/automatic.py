@@ -26,6 +26,7 @@ a box holds columns x0 .. x1 - 1 and rows y0 .. y1 - 1, so its width is x1 - x0.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -135,6 +136,7 @@ class AutomaticMaskGenerator:
         min_mask_region_area: int = 100,
         masks_per_point: int = 1,
         output_mode: OutputMode = "binary_mask",
+        between_steps: Callable[[], None] | None = None,
     ) -> None:
         if points_per_side < 1:
             raise ValueError(f"points_per_side must be >= 1, got {points_per_side}")
@@ -165,6 +167,9 @@ class AutomaticMaskGenerator:
         self.min_mask_region_area = int(min_mask_region_area)
         self.masks_per_point = int(masks_per_point)
         self.output_mode = output_mode
+        # called before each upscale chunk and each mask's clean-up: a server lets waiting
+        # requests run there, or stops work past its deadline by raising
+        self.between_steps = between_steps or (lambda: None)
 
     def generate(self, image_or_embedding: np.ndarray | ImageEmbedding) -> list[AutomaticMask]:
         """Masks of an HxWx3 uint8 RGB image (embedded through the predictor's cache) or of an
@@ -262,6 +267,7 @@ class AutomaticMaskGenerator:
         stored = _Stored([], [], [])
         upscale_seconds = postprocess_seconds = 0.0
         for start in range(0, len(logits), chunk):
+            self.between_steps()
             tick = time.perf_counter()
             upscaled = self.predictor.upscale_logits(logits[start : start + chunk], size)
             masks = (upscaled >= threshold).cpu().numpy()  # (chunk, H, W)
@@ -269,6 +275,7 @@ class AutomaticMaskGenerator:
             upscale_seconds += time.perf_counter() - tick
             tick = time.perf_counter()
             for mask in masks:
+                self.between_steps()
                 self._store(mask, stored)
             del masks
             postprocess_seconds += time.perf_counter() - tick

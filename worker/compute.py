@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from contextvars import ContextVar
 from typing import Any, TypeVar
 
@@ -53,7 +54,15 @@ class ComputeThread:
     """A single worker thread running submitted functions by priority, with checkpoints (see
     module docstring). ``submit`` returns a Future; ``run`` waits for the result."""
 
-    def __init__(self, name: str = "model-compute") -> None:
+    def __init__(
+        self,
+        name: str = "model-compute",
+        isolation: Callable[[], AbstractContextManager] | None = None,
+    ) -> None:
+        """``isolation``: a context manager factory entered around work run inline at a
+        checkpoint, so that the interrupted work's thread-local modes (e.g. torch's autocast and
+        inference mode) do not apply to it."""
+        self._isolation = isolation or nullcontext
         self._heap: list[tuple[int, int, Callable[[], Any], Future, float | None]] = []
         self._order = itertools.count()
         self._changed = threading.Condition()
@@ -127,7 +136,8 @@ class ComputeThread:
                 if not self._urgent_waiting():
                     return
                 item = heapq.heappop(self._heap)
-            self._execute(item)
+            with self._isolation():
+                self._execute(item)
 
     def _execute(self, item) -> None:
         priority, _, function, future, deadline = item

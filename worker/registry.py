@@ -49,6 +49,13 @@ _UNCHANGED = object()
 VERSION_ERROR_SECONDS = 3600.0  # a version that failed to load is reported this long
 
 
+def redis_errors() -> tuple[type[Exception], ...]:
+    """redis-py's error base class (imported lazily: the embedded mode needs no Redis)."""
+    import redis
+
+    return (redis.RedisError,)
+
+
 class RegistryError(ValueError):
     """An unknown project or version, or a version that belongs to another project/base."""
 
@@ -218,8 +225,13 @@ class ModelRegistry:
                 state["promoted"] = int(state.get("promoted", 0)) + 1
             _write_json_atomically(path, state)
             self._cache.pop(path, None)
-            # published under the lock: Redis ends with the version of the last writer
-            self._publish_project(str(project), state["current"])
+            # published under the lock: Redis ends with the version of the last writer. The disk
+            # is the record: a Redis failure here is repaired by ensure_published (workers'
+            # maintenance), never a failed promotion.
+            try:
+                self._publish_project(str(project), state["current"])
+            except redis_errors() as error:
+                logger.warning("project %s: registry not copied to Redis yet: %s", project, error)
         return state
 
     def record(self, project: str, event: dict, current: object = _UNCHANGED) -> dict:

@@ -19,6 +19,8 @@ import statistics
 import time
 from typing import TYPE_CHECKING
 
+import redis
+
 from backend.images import ImageError
 from backend.label_config import parse_label_config
 
@@ -110,10 +112,13 @@ class Progress:
     def __call__(self, stage: str, **values) -> None:
         changed = stage != self.status.get("stage")
         self.status.update(values, stage=stage)
-        self.runtime.project_state.set_status(self.project, self.status)
-        if self.job is not None:
-            self.job.meta.update(self.status)
-            self.job.save_meta()
+        try:  # best effort: a Redis outage must not fail a run (it is never retried once training)
+            self.runtime.project_state.set_status(self.project, self.status)
+            if self.job is not None:
+                self.job.meta.update(self.status)
+                self.job.save_meta()
+        except redis.RedisError as error:
+            logger.warning("project %s: progress not reported (Redis): %s", self.project, error)
         if changed or time.monotonic() - self._last_log > 10:
             self._last_log = time.monotonic()
             shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in values.items()}

@@ -221,3 +221,23 @@ def test_a_webhook_that_never_appears_is_logged_and_tried_again_later(label_stud
     finally:
         auth.close()
     assert label_studio.patches == [("/api/webhooks/1", {"headers": AUTH})]
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_without_label_studio_url_the_setup_host_is_used_only_when_trusted(label_studio, trusted):
+    """No LABEL_STUDIO_URL: the webhook header goes through /setup's hostname and token only
+    with LABEL_STUDIO_TRUST_SETUP_HOST (the first /setup caller must not pick the host)."""
+    label_studio.api["/api/projects/7/model-versions"] = {"live": [ml_record("http://b:1", "ml")]}
+    label_studio.api["/api/webhooks"] = [webhook_record(1, "http://b:1/webhook")]
+    auth = WebhookAuth("ml", "s3cret", "", "", retry_seconds=0.05, trust_setup_host=trusted)
+    try:
+        auth.use_setup_credentials(label_studio.url, LEGACY_TOKEN)
+        auth.ensure("7")
+        if trusted:
+            wait_for(lambda: label_studio.patches)
+        else:
+            time.sleep(0.3)
+    finally:
+        auth.close()
+    expected = [("/api/webhooks/1", {"headers": AUTH})] if trusted else []
+    assert label_studio.patches == expected

@@ -358,3 +358,25 @@ def test_the_running_app_answers_ssrf_tasks_with_4xx_json(file_server, second_se
         assert second_server.requests == []
     finally:
         trickle.close()
+
+
+def test_a_batch_request_budget_caps_the_download_deadline(monkeypatch):
+    """The embedded backend predicts a batch task inside LS's request: its remaining time budget
+    (``caller_deadline``) caps DOWNLOAD_DEADLINE_SECONDS, so a slow LS host cannot carry the
+    request past LS's 100 s."""
+    from backend.images import caller_deadline
+
+    server = TrickleServer("body")
+    try:
+        base = server.url.rsplit("/", 1)[0]
+        loader = ImageLoader(base, LEGACY_TOKEN, timeout_seconds=20, download_deadline_seconds=60)
+        token = caller_deadline.set(time.monotonic() + 0.5)
+        started = time.monotonic()
+        try:
+            with pytest.raises(ImageError, match="time budget"):
+                loader.load(server.url)
+        finally:
+            caller_deadline.reset(token)
+        assert time.monotonic() - started < 2.0
+    finally:
+        server.close()

@@ -121,3 +121,37 @@ def test_checkpoints_as_forward_pre_hooks(compute):
 
     copied = copy.deepcopy(layer)  # a fine-tune's copy keeps the hook
     assert len(copied._forward_pre_hooks) == 1
+
+
+def test_a_click_run_inline_does_not_inherit_the_background_works_torch_modes():
+    """Background work under autocast and inference mode is interrupted at a checkpoint: the
+    click run there sees neither (the embedded transport's isolation)."""
+    torch = pytest.importorskip("torch")
+    from backend.transports import _fresh_torch_state
+
+    compute = ComputeThread(isolation=_fresh_torch_state)
+    seen = {}
+    started = threading.Event()
+    release = threading.Event()
+
+    def click():
+        seen["autocast"] = torch.is_autocast_enabled("cpu")
+        seen["inference"] = torch.is_inference_mode_enabled()
+
+    def background():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            started.set()
+            release.wait(10)
+            compute.checkpoint()
+            return torch.is_autocast_enabled("cpu") and torch.is_inference_mode_enabled()
+
+    try:
+        batch = compute.submit(background, BACKGROUND)
+        assert started.wait(10)
+        future = compute.submit(click, URGENT)
+        release.set()
+        assert batch.result(10) is True  # the background work's own modes are back
+        future.result(10)
+        assert seen == {"autocast": False, "inference": False}
+    finally:
+        compute.close()
