@@ -97,7 +97,7 @@ class EmbeddedTransport:
         started = time.perf_counter()
         try:
             self.runtime = ModelRuntime(
-                settings, compute=self._compute.run, checkpoint=self._compute.checkpoint
+                settings, compute=self._compute.run, between_steps=self._compute.checkpoint
             )
             self.base_version = checkpoint_version(self.runtime.checkpoint)
         except (CheckpointError, ConfigurationError, OSError) as error:

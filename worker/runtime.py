@@ -125,14 +125,14 @@ class ModelRuntime:
         redis: Redis | None = None,
         compute: Callable[[Callable[[], T]], T] | None = None,
         loader: ImageLoader | None = None,
-        checkpoint: Callable[[], None] | None = None,
+        between_steps: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis
         self._compute = compute or (lambda function: function())
         # called between the steps of long model work that no model hook covers (see
         # worker/compute.py): the embedded backend runs waiting clicks there
-        self.checkpoint = checkpoint or (lambda: None)
+        self.between_steps = between_steps or (lambda: None)
         self.checkpoint = find_checkpoint(settings)
         self.loader = loader or ImageLoader.from_settings(settings)
         self.registry = ModelRegistry(settings.model_dir, redis, settings.redis_key_prefix)
@@ -322,7 +322,7 @@ class ModelRuntime:
                 # click waiting at the next checkpoint (worker/compute.py) waits that long
                 points_per_batch=16 if cuda else 4,
                 output_mode="coco_rle",
-                between_steps=self.checkpoint,
+                between_steps=self.between_steps,
             )
             return generator.generate(embedding)
 

@@ -117,8 +117,11 @@ def test_autolabel_everything_grid_by_device(runtime, monkeypatch):
         "points_per_side": 0,
         "output": OUTPUT,
     }
+    steps = []  # the embedded backend's checkpoints (worker/compute.py) between the steps
+    monkeypatch.setattr(runtime, "between_steps", lambda: steps.append(1))
     entry = jobs.autolabel(request, runtime=runtime)
     assert "error" not in entry and len(entry["result"]) == 16 * 16
+    assert len(steps) >= 16 * 16  # at least once per kept mask's clean-up
     assert len(jobs.autolabel({**request, "points_per_side": 3}, runtime=runtime)["result"]) == 9
 
 
