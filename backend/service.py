@@ -448,10 +448,10 @@ class SegmentationService:
         mode, points_per_side = self.autolabel_mode(project)
         queued = self.transport.name != "embedded"
         started = time.monotonic()
-        deadline = started + self.settings.batch_time_budget_seconds  # no new task after it
+        budget = self.settings.batch_time_budget_seconds
+        deadline = started + budget  # no new task after it
         # ... and a task running past this stops (at a checkpoint of the model): LS gives up
         # on the whole request at LS_PREDICT_TIMEOUT_SECONDS.
-        budget = self.settings.batch_time_budget_seconds
         hard_deadline = started + max(budget, min(1.5 * budget, LS_PREDICT_TIMEOUT_SECONDS - 10))
         single = len(tasks) == 1
         entries = []
@@ -474,17 +474,16 @@ class SegmentationService:
                 boxes = request["task"]["boxes"]
                 prewarm = {"project": project, "task": task_id, "image": request["task"]["image"]}
                 automatic = not boxes and mode in ("auto", "everything")
-                if not boxes and not automatic:
-                    if single:
+                if not boxes and (single or not automatic):
+                    if single:  # the editor opened a task: only its embedding, at the front of
+                        # the queue, never a whole "segment everything" ahead of the clicks
                         self._guard(self.transport.submit, "prewarm", prewarm, "batch", None, True)
-                    entries.append(self._skipped(version, "no rectangles to turn into masks"))
-                elif single and automatic:
-                    # The editor opened a task: only its embedding, at the front of the queue,
-                    # never a whole "segment everything" ahead of the clicks that follow.
-                    self._guard(self.transport.submit, "prewarm", prewarm, "batch", None, True)
-                    entries.append(
-                        self._skipped(version, "automatic masks are not computed for one task")
+                    reason = (
+                        "automatic masks are not computed for one task"
+                        if automatic
+                        else "no rectangles to turn into masks"
                     )
+                    entries.append(self._skipped(version, reason))
                 elif queued:
                     job = self._guard(
                         self.transport.submit,

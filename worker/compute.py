@@ -66,7 +66,6 @@ class ComputeThread:
         self._heap: list[tuple[int, int, Callable[[], Any], Future, float | None]] = []
         self._order = itertools.count()
         self._changed = threading.Condition()
-        self._urgent_running = 0
         self._running = 0  # items being executed (nested: a click inside batch work)
         self._closed = False
         self._local = threading.local()
@@ -121,11 +120,6 @@ class ComputeThread:
 
         return [module.register_forward_pre_hook(hook) for module in modules]
 
-    @property
-    def busy_with_urgent(self) -> bool:
-        with self._changed:
-            return bool(self._urgent_running or self._urgent_waiting())
-
     # -- the thread ----------------------------------------------------------------------------
     def _urgent_waiting(self) -> bool:
         return bool(self._heap) and self._heap[0][0] == URGENT
@@ -148,7 +142,6 @@ class ComputeThread:
         state.priority, state.deadline = priority, deadline
         with self._changed:
             self._running += 1
-            self._urgent_running += priority == URGENT
         try:
             future.set_result(function())
         except BaseException as error:  # handed to the caller
@@ -157,7 +150,6 @@ class ComputeThread:
             state.priority, state.deadline = outer
             with self._changed:
                 self._running -= 1
-                self._urgent_running -= priority == URGENT
                 self._changed.notify_all()
 
     def _loop(self) -> None:

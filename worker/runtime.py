@@ -308,10 +308,9 @@ class ModelRuntime:
         ``points_per_side`` 0: the device's default grid (:func:`default_points_per_side`)."""
         from efficientsam.automatic import AutomaticMaskGenerator
 
-        cuda = served.predictor.model.device.type == "cuda"
-        points_per_side = points_per_side or default_points_per_side(
-            served.predictor.model.device.type
-        )
+        device_type = served.predictor.model.device.type
+        cuda = device_type == "cuda"
+        points_per_side = points_per_side or default_points_per_side(device_type)
 
         def work():
             embedding = served.predictor.embed(image.array, image.content_hash)

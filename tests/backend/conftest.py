@@ -293,3 +293,16 @@ def bomb_png(width: int, height: int, complete: bool = True) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     end = chunk(b"IEND", b"") if complete else b""
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + end
+
+
+def readme_settings(label_studio_url: str, **overrides):
+    """The embedded backend as README starts it: LS's address and a legacy key, the random-weight
+    checkpoint, nothing else (``overrides`` where a test needs more)."""
+    from backend.settings import Settings
+    from tests.conftest import TI_CHECKPOINT
+
+    return Settings.from_env(
+        {"LABEL_STUDIO_URL": label_studio_url, "LABEL_STUDIO_API_KEY": LEGACY_TOKEN},
+        checkpoint=TI_CHECKPOINT,
+        **overrides,
+    )

@@ -7,15 +7,14 @@ import pytest
 from starlette.testclient import TestClient
 
 from backend.app import create_app
-from backend.settings import Settings
 from tests.backend.conftest import (
-    LEGACY_TOKEN,
     FileServer,
     predict_request,
+    readme_settings,
     rectangle,
     wait_until_ready,
 )
-from tests.conftest import REFERENCE_DIR, TI_CHECKPOINT
+from tests.conftest import REFERENCE_DIR
 
 IMAGE = "/data/upload/1/image.png"
 
@@ -24,11 +23,7 @@ IMAGE = "/data/upload/1/image.png"
 def default_client():
     files = FileServer()
     files.files[IMAGE] = (REFERENCE_DIR / "image_640x480.png").read_bytes()
-    settings = Settings.from_env(
-        {"LABEL_STUDIO_URL": files.url, "LABEL_STUDIO_API_KEY": LEGACY_TOKEN},
-        checkpoint=TI_CHECKPOINT,
-    )
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(readme_settings(files.url))) as client:
         assert wait_until_ready(client).status_code == 200
         yield client
     files.close()

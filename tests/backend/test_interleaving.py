@@ -12,16 +12,15 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from backend.app import create_app
-from backend.settings import Settings
 from tests.backend.conftest import (
-    LEGACY_TOKEN,
     FileServer,
     keypoint,
     png_bytes,
     predict_request,
+    readme_settings,
     wait_until_ready,
 )
-from tests.conftest import REFERENCE_DIR, TI_CHECKPOINT
+from tests.conftest import REFERENCE_DIR
 
 IMAGE = "/data/upload/1/image.png"
 
@@ -39,12 +38,7 @@ def files():
 
 
 def _client(files, **overrides) -> TestClient:
-    settings = Settings.from_env(
-        {"LABEL_STUDIO_URL": files.url, "LABEL_STUDIO_API_KEY": LEGACY_TOKEN},
-        checkpoint=TI_CHECKPOINT,
-        **overrides,
-    )
-    return TestClient(create_app(settings))
+    return TestClient(create_app(readme_settings(files.url, **overrides)))
 
 
 def _tasks(count: int, images: list[str] | None = None) -> list[dict]:
