@@ -34,6 +34,7 @@ RUN mkdir -p /src/efficientsam /src/backend /src/worker \
 
 # The project itself, non-editable; the sources do not stay in the image.
 COPY efficientsam /src/efficientsam
+COPY serving /src/serving
 COPY backend /src/backend
 COPY worker /src/worker
 RUN pip install --no-deps /src && rm -rf /src

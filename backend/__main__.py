@@ -1,6 +1,6 @@
 """``python -m backend --checkpoint PATH --port PORT`` (also ``efficientsam-backend``).
 
-Every option can also come from the environment (see backend/settings.py); flags win.
+Every option can also come from the environment (see serving/settings.py); flags win.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .settings import Settings
+from serving.settings import Settings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     import uvicorn
 
-    from .app import create_app
-    from .service import ServiceError
-    from .transports import TransportError
+    from backend.app import create_app
+    from backend.service import ServiceError
+    from serving.transports import TransportError
 
     try:
         app = create_app(settings)

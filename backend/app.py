@@ -17,9 +17,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .metrics import Metrics
-from .service import SegmentationService, ServiceError
-from .settings import Settings
+from backend.metrics import Metrics
+from backend.service import SegmentationService, ServiceError
+from serving.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from .images import ImageError, LabelStudioCredentials
+from serving.labelstudio.images import ImageError, LabelStudioCredentials
 
 logger = logging.getLogger(__name__)
 

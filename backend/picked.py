@@ -23,7 +23,7 @@ import time
 
 import httpx
 
-from .images import ImageError, LabelStudioCredentials
+from serving.labelstudio.images import ImageError, LabelStudioCredentials
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """What the routes do: Label Studio's requests in, job requests out, LS answers back.
 
 ``SegmentationService`` speaks LS's side (tasks, label configs, context prompts, batch rules,
-model versions) and leaves the model work to a :class:`~backend.transports.Transport`: the
+model versions) and leaves the model work to a :class:`~serving.transports.Transport`: the
 embedded one (model in this process) or the RQ one (``python -m worker`` processes). Both run
-the same job functions of ``worker.jobs`` on the same JSON requests.
+the same job functions of ``serving.jobs`` on the same JSON requests.
 
 Batch predictions ("Retrieve predictions", ``context`` null). LS stores every entry that has a
 ``result`` as the current version's prediction and never asks again for that task under that
@@ -25,29 +25,28 @@ version, while entries without ``result`` are skipped and asked for again next t
 from __future__ import annotations
 
 import logging
-import re
 import time
 from concurrent.futures import CancelledError
-from dataclasses import dataclass
 
 import redis
 
-from worker.projects import annotation_events
-from worker.registry import project_id
-
-from .context import (
-    MAX_IMAGE_PIXELS,
+from backend.control import ControlRefused, ProjectCheck, WebhookAuth, log_refusal
+from backend.metrics import Metrics
+from backend.picked import PickedVersions
+from serving.labelstudio.context import (
     PromptError,
-    check_image_size,
     parse_context,
-    rectangle_box,
 )
-from .control import ControlRefused, ProjectCheck, WebhookAuth, log_refusal
-from .label_config import LabelConfigError, ProjectConfig, parse_label_config
-from .metrics import Metrics
-from .picked import PickedVersions
-from .settings import AUTOLABEL_MODES, Settings
-from .transports import Transport, TransportError, create_transport
+from serving.labelstudio.label_config import LabelConfigError, ProjectConfig, parse_label_config
+from serving.labelstudio.tasks import TaskError, annotation_events, image_url, project_id
+from serving.requests import (
+    autolabel_job_id,
+    autolabel_request,
+    output_request,
+    submit_finetune,
+)
+from serving.settings import AUTOLABEL_MODES, Settings
+from serving.transports import Transport, TransportError, create_transport
 
 logger = logging.getLogger(__name__)
 
@@ -61,130 +60,6 @@ class ServiceError(Exception):
     def __init__(self, message: str, status: int = 422) -> None:
         super().__init__(message)
         self.status = status
-
-
-@dataclass(frozen=True)
-class BoxItem:
-    box: tuple[float, float, float, float]  # pixels of ``size``
-    size: tuple[int, int]  # (width, height) the box's percentages refer to
-    label: str | None
-
-    def as_request(self) -> dict:
-        return {"box": list(self.box), "size": list(self.size), "label": self.label}
-
-
-def task_rectangles(
-    task: dict, image_name: str, max_pixels: int = MAX_IMAGE_PIXELS
-) -> list[BoxItem]:
-    """Rectangles of a task's latest annotation that has some, else of its latest prediction.
-    Raises PromptError when a rectangle's image size is over ``max_pixels``."""
-    for source in ("annotations", "predictions"):
-        entries = [e for e in task.get(source) or [] if isinstance(e, dict)]
-        entries = [e for e in entries if not e.get("was_cancelled")]
-        entries.sort(
-            key=lambda e: (str(e.get("updated_at") or e.get("created_at") or ""), e.get("id") or 0),
-            reverse=True,
-        )
-        for entry in entries:
-            boxes = []
-            for item in entry.get("result") or []:
-                if not isinstance(item, dict) or item.get("type") != "rectanglelabels":
-                    continue
-                if item.get("to_name") not in (None, image_name):
-                    continue
-                width, height = item.get("original_width"), item.get("original_height")
-                if not (
-                    isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0
-                ):
-                    continue
-                check_image_size(width, height, max_pixels)
-                value = item.get("value")
-                if not isinstance(value, dict):
-                    raise PromptError("rectangle has no 'value' object")
-                labels = value.get("rectanglelabels") or value.get("labels")
-                label = labels[0] if isinstance(labels, list) and labels else None
-                boxes.append(
-                    BoxItem(
-                        rectangle_box(value, width, height),
-                        (width, height),
-                        label if isinstance(label, str) else None,
-                    )
-                )
-            if boxes:
-                return boxes
-    return []
-
-
-def output_request(config: ProjectConfig) -> dict:
-    output = config.output
-    return {
-        "tag": output.tag,
-        "name": output.name,
-        "to_name": output.to_name,
-        "labels": list(output.labels),
-    }
-
-
-def image_url(task: dict, config: ProjectConfig) -> str:
-    data = task.get("data")
-    if not isinstance(data, dict):
-        raise ServiceError(f"task {task.get('id')}: 'data' must be an object", 422)
-    url = data.get(config.image_data_key)
-    if not isinstance(url, str) or not url.strip():
-        raise ServiceError(f"task {task.get('id')} has no data.{config.image_data_key}", 422)
-    return url
-
-
-def autolabel_request(
-    project: str | None,
-    task: dict,
-    config: ProjectConfig,
-    mode: str,
-    points_per_side: int,
-    version: str,
-    write_back: bool,
-    max_pixels: int = MAX_IMAGE_PIXELS,
-) -> dict:
-    """The ``worker.jobs.autolabel`` request for one LS task (see worker/jobs.py)."""
-    boxes = task_rectangles(task, config.image_name, max_pixels)
-    return {
-        "project": project,
-        "task": {
-            "id": task.get("id"),
-            "image": image_url(task, config),
-            "boxes": [b.as_request() for b in boxes],
-        },
-        "mode": mode,
-        "points_per_side": points_per_side,
-        "output": output_request(config),
-        "model_version": version,
-        "write_back": write_back,
-    }
-
-
-def finetune_job_id(project: str) -> str:
-    """At most one fine-tune per project queued or running ("Start training" twice: one job)."""
-    return f"finetune-p{project}"
-
-
-def submit_finetune(transport: Transport, project: str, trigger: str) -> str | None:
-    """Queue the project's fine-tune on ``train`` (or find it already queued or running);
-    returns the job id. ``trigger`` says why (recorded in the run's history)."""
-    return transport.submit(
-        "finetune",
-        {"project": project, "trigger": trigger},
-        "train",
-        finetune_job_id(project),
-        False,
-        f"fine-tune project {project}",
-    )
-
-
-def autolabel_job_id(project: str | None, task_id: object, version: str) -> str:
-    """One batch job per (project, task, version): a second "Retrieve predictions" or CLI run
-    finds it queued or running and does not add another. (RQ ids allow letters, digits, _ and
-    -: the ``+`` of fine-tuned versions becomes ``_``.)"""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", f"autolabel-p{project}-t{task_id}-{version}")
 
 
 class SegmentationService:
@@ -403,10 +278,14 @@ class SegmentationService:
         version = self.requested_version(project)
         if prompt is None:
             return {"result": [], "model_version": version}
+        try:
+            image = image_url(task, config)
+        except TaskError as error:
+            raise ServiceError(str(error), error.status) from error
         request = {
             "project": project,
             "task": task.get("id"),
-            "image": image_url(task, config),
+            "image": image,
             "size": list(prompt.size),
             "prompt": {
                 "points": prompt.prompt.points.tolist(),
@@ -510,7 +389,7 @@ class SegmentationService:
                 else:
                     remaining = hard_deadline - time.monotonic()
                     entries.append(self._autolabel_inline(request, version, remaining))
-            except (PromptError, ServiceError, LabelConfigError) as error:
+            except (PromptError, TaskError, ServiceError, LabelConfigError) as error:
                 logger.warning("task %s: no prediction: %s", task_id, error)
                 self.metrics.predictions.labels("batch", "error").inc()
                 entries.append(self._skipped(version, str(error)))
@@ -518,7 +397,7 @@ class SegmentationService:
 
     def _autolabel_inline(self, request: dict, version: str, seconds: float) -> dict:
         """One task predicted in this request, stopped after ``seconds`` (no result then)."""
-        from worker.compute import DeadlineExceeded
+        from serving.compute import DeadlineExceeded
 
         try:
             entry = self._guard(self.transport.call, "autolabel", request, "batch", seconds)

@@ -9,7 +9,7 @@ threads click continuously on an image whose embedding is cached, through
 * batch: a "Retrieve predictions" of ``--batch-tasks`` tasks on new images (encoder + segment
   everything at the default grid) runs in the same process;
 * fine-tune: a fine-tune's training runs in the same process, on the embedded transport's
-  training thread (``FineTuner.fit`` on synthetic data, as ``worker.training_run`` calls it).
+  training thread (``FineTuner.fit`` on synthetic data, as ``serving.training_run`` calls it).
 
 Run it on two commits to compare (the code under test is whatever ``backend``/``worker`` import):
 
@@ -35,7 +35,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.backend.conftest import LEGACY_TOKEN, FileServer, keypoint  # noqa: E402
+from tests.http_fixtures import LEGACY_TOKEN, FileServer, keypoint  # noqa: E402
 
 SHARED = Path(os.environ.get("EFFICIENTSAM_SHARED_DIR", ROOT.parent / "shared"))
 CHECKPOINT = SHARED / "fixtures" / "efficientsam_ti_random.pt"
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from backend.service import SegmentationService
-    from backend.settings import Settings
+    from serving.settings import Settings
 
     files = FileServer()
     pixels = np.asarray(Image.open(IMAGE).convert("RGB"))

@@ -4,7 +4,7 @@
         [--images 24] [--json benchmarks/results/workers-cpu-2core.json]
 
 1. Queue hop: the same interactive ``segment`` job (a cached image, one click, best mask as LS
-   brush RLE) called in this process (``worker.jobs.segment`` with a runtime here) and through
+   brush RLE) called in this process (``serving.jobs.segment`` with a runtime here) and through
    RQ (``QueueTransport.call``: enqueue on ``interactive``, a ``python -m worker`` process runs
    it, the result comes back through Redis); calls alternate; medians and their difference.
 2. Batch throughput: box-to-mask ``autolabel`` jobs for distinct images (each needs the
@@ -106,9 +106,9 @@ def median_ms(samples: list[float]) -> float:
 def queue_hop(settings, connection, base_url: str, clicks: int) -> dict:
     import torch
 
-    from backend.transports import QueueTransport
-    from worker import jobs
-    from worker.runtime import ModelRuntime
+    from serving import jobs
+    from serving.runtime import ModelRuntime
+    from serving.transports import QueueTransport
 
     torch.set_num_threads(2)
     runtime = ModelRuntime(settings)
@@ -158,7 +158,7 @@ def queue_hop(settings, connection, base_url: str, clicks: int) -> dict:
 
 
 def batch_throughput(settings, connection, base_url: str, images: int, workers: int) -> dict:
-    from backend.transports import QueueTransport
+    from serving.transports import QueueTransport
     from worker.operations import wait_for_jobs
 
     connection.flushdb()
@@ -231,7 +231,7 @@ def shared_cache_dtype(reference: np.ndarray) -> dict:
     from efficientsam.predictor import ImageEmbedding, Predictor
     from efficientsam.prompts import Prompt
     from efficientsam.utils import mask_iou
-    from worker.cache_redis import decode_embedding, encode_embedding
+    from serving.cache_redis import decode_embedding, encode_embedding
 
     predictor = Predictor(load_model(CHECKPOINT))
     exact = predictor.embed(reference)
@@ -270,7 +270,7 @@ def main() -> None:
 
     import redis
 
-    from backend.settings import Settings
+    from serving.settings import Settings
 
     settings = Settings.from_env(
         {}, redis_url=args.redis_url, checkpoint=CHECKPOINT, device="cpu", threads=2

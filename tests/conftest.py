@@ -16,6 +16,9 @@ FIXTURES_DIR = SHARED_DIR / "fixtures"
 REFERENCE_DIR = FIXTURES_DIR / "efficientsam_ti_reference"
 TI_CHECKPOINT = FIXTURES_DIR / "efficientsam_ti_random.pt"
 
+# LS payload builders and local HTTP servers; Redis, worker processes and an LS API stand-in
+pytest_plugins = ["tests.http_fixtures", "tests.redis_fixtures"]
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

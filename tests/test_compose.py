@@ -17,8 +17,8 @@ import redis
 import yaml
 
 from backend.__main__ import parse_args as backend_args
-from backend.settings import ENV, QUEUE_NAMES, Settings
-from tests.worker.conftest import free_port
+from serving.settings import ENV, QUEUE_NAMES, Settings
+from tests.redis_fixtures import free_port
 from worker.__main__ import connect as worker_connect
 from worker.__main__ import parse_args as worker_args
 from worker.__main__ import settings_from as worker_settings
@@ -157,7 +157,7 @@ def test_app_commands_are_the_tested_module_invocations(services, name, monkeypa
 @pytest.mark.parametrize("name", APP_SERVICES)
 def test_app_env_names_are_settings_variables(services, name):
     unknown = set(environment(services[name])) - SETTINGS_VARIABLES
-    assert not unknown, f"{name}: not read by backend/settings.py ENV: {sorted(unknown)}"
+    assert not unknown, f"{name}: not read by serving/settings.py ENV: {sorted(unknown)}"
 
 
 def test_dotenv_variables_are_known_and_documented():

@@ -10,7 +10,7 @@
     python -m worker versions [--project P]                                 model versions
     python -m worker rollback --project P [--to VERSION|base]               serve another version
 
-Every option can also come from the environment (backend/settings.py: REDIS_URL, CHECKPOINT,
+Every option can also come from the environment (serving/settings.py: REDIS_URL, CHECKPOINT,
 MODEL_DIR, LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, ...); flags win.
 """
 
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from backend.settings import Settings
+from serving.settings import Settings
 
 COMMANDS = ("work", "cron", "status", "autolabel", "prewarm", "finetune", "versions", "rollback")
 logger = logging.getLogger("worker")
@@ -74,8 +74,8 @@ def connect(settings: Settings):
 # -- commands ------------------------------------------------------------------------------------
 def work(settings: Settings, args: argparse.Namespace) -> int:
     """Run one model-holding worker on the configured queues (highest priority first)."""
-    from .model_worker import REDIS_DOWN, ModelWorker, until_redis_answers
-    from .runtime import ModelRuntime
+    from serving.runtime import ModelRuntime
+    from worker.model_worker import REDIS_DOWN, ModelWorker, until_redis_answers
 
     connection = connect(settings)
     runtime = ModelRuntime(settings, redis=connection)
@@ -107,7 +107,7 @@ def work(settings: Settings, args: argparse.Namespace) -> int:
 
 def cron(settings: Settings, args: argparse.Namespace) -> int:
     """RQ's cron scheduler with this service's periodic jobs (see worker/schedule.py)."""
-    from .schedule import JsonCronScheduler, register_periodic_jobs
+    from worker.schedule import JsonCronScheduler, register_periodic_jobs
 
     scheduler = JsonCronScheduler(connect(settings), logging_level=settings.log_level.upper())
     register_periodic_jobs(scheduler, settings)
@@ -116,7 +116,7 @@ def cron(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def status(settings: Settings, args: argparse.Namespace) -> int:
-    from .operations import queue_status
+    from worker.operations import queue_status
 
     report = queue_status(connect(settings), settings)
     if args.json:
@@ -140,7 +140,7 @@ def status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def autolabel(settings: Settings, args: argparse.Namespace, function: str) -> int:
-    from .operations import enqueue_project, wait_for_jobs
+    from worker.operations import enqueue_project, wait_for_jobs
 
     if args.project is None:
         raise SystemExit(f"worker: error: {function} needs --project")
@@ -157,10 +157,9 @@ def autolabel(settings: Settings, args: argparse.Namespace, function: str) -> in
 
 def finetune(settings: Settings, args: argparse.Namespace) -> int:
     """Queue a project's fine-tune (as "Start training" does) and follow it on a progress bar."""
-    from backend.service import submit_finetune
-    from backend.transports import QueueTransport
-
-    from .operations import follow_training
+    from serving.requests import submit_finetune
+    from serving.transports import QueueTransport
+    from worker.operations import follow_training
 
     if args.project is None:
         raise SystemExit("worker: error: finetune needs --project")
@@ -176,7 +175,7 @@ def finetune(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def versions(settings: Settings, args: argparse.Namespace) -> int:
-    from .registry import ModelRegistry
+    from serving.registry import ModelRegistry
 
     registry = ModelRegistry(settings.model_dir)
     projects = [str(args.project)] if args.project is not None else registry.projects()
@@ -194,7 +193,7 @@ def versions(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def rollback(settings: Settings, args: argparse.Namespace) -> int:
-    from .registry import ModelRegistry, RegistryError
+    from serving.registry import ModelRegistry, RegistryError
 
     if args.project is None:
         raise SystemExit("worker: error: rollback needs --project")

@@ -3,10 +3,10 @@
 ``ModelWorker`` is RQ's ``SimpleWorker`` (the job runs in the worker's main thread, so the model
 is loaded once per process and CUDA is never forked) with five additions:
 
-* jobs, their meta and results are JSON (:class:`~worker.serialization.JobSerializer`), never
+* jobs, their meta and results are JSON (:class:`~serving.serialization.JobSerializer`), never
   pickles: a job whose data is not JSON fails without being executed;
-* the process's :class:`~worker.runtime.ModelRuntime` is installed for every job
-  (``worker.jobs.use_runtime``), so job functions stay plain importable functions;
+* the process's :class:`~serving.runtime.ModelRuntime` is installed for every job
+  (``serving.jobs.use_runtime``), so job functions stay plain importable functions;
 * a heartbeat thread keeps the job's execution alive in RQ's started-job registry with a short
   TTL (3 heartbeats) while it runs. A worker killed mid-job (SIGKILL, OOM, lost machine) stops
   beating; within seconds the execution expires and the next registry clean-up of any worker
@@ -44,9 +44,9 @@ from rq.utils import now
 from rq.worker.base import WorkerStatus
 from rq.worker_registration import REDIS_WORKER_KEYS
 
-from .jobs import use_runtime
-from .runtime import ModelRuntime
-from .serialization import JobSerializer
+from serving.jobs import use_runtime
+from serving.runtime import ModelRuntime
+from serving.serialization import JobSerializer
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from backend.label_config import parse_label_config
-from backend.service import autolabel_job_id, autolabel_request, image_url
-from backend.settings import Settings
-from backend.transports import QueueTransport
-
-from .registry import VersionDirectory
-from .serialization import JobSerializer
+from serving.labelstudio.label_config import parse_label_config
+from serving.labelstudio.tasks import image_url
+from serving.registry import VersionDirectory
+from serving.requests import autolabel_job_id, autolabel_request
+from serving.serialization import JobSerializer
+from serving.settings import Settings
+from serving.transports import QueueTransport
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -70,7 +70,7 @@ def enqueue_project(
     """Queue ``autolabel`` (tasks without a prediction of the current version) or ``prewarm``
     (every task) jobs for all tasks of an LS project; the same jobs and ids as the backend's
     "Retrieve predictions". Returns the job ids."""
-    from .labelstudio import LabelStudioApi
+    from serving.labelstudio.api import LabelStudioApi
 
     api = LabelStudioApi(settings.label_studio_url, settings.label_studio_api_key)
     config = parse_label_config(api.project(project).label_config)

@@ -10,17 +10,16 @@ from rq.cron import CronJob, CronScheduler
 from rq.defaults import DEFAULT_CRON_JOB_HISTORY_LIMIT, DEFAULT_CRON_JOB_HISTORY_TTL
 from rq.job import Job
 
-from backend.settings import Settings
-
-from . import jobs
-from .serialization import JobSerializer
+from serving import jobs
+from serving.serialization import JobSerializer
+from serving.settings import Settings
 
 logger = logging.getLogger(__name__)
 HOUSEKEEPING_SECONDS = 300
 
 
 class JsonCronJob(CronJob):
-    """RQ's ``CronJob``, enqueued as JSON (:class:`~worker.serialization.JobSerializer`): RQ
+    """RQ's ``CronJob``, enqueued as JSON (:class:`~serving.serialization.JobSerializer`): RQ
     3.0's own always uses its default serializer, pickle. Same steps otherwise: the job, its
     place in the cron job's history and the registry, in one round trip."""
 

@@ -23,7 +23,8 @@ import orjson
 import pytest
 from PIL import Image
 
-from tests.backend.conftest import (
+from tests.conftest import REFERENCE_DIR, TI_CHECKPOINT
+from tests.http_fixtures import (
     BRUSH_CONFIG,
     LEGACY_TOKEN,
     FileServer,
@@ -34,9 +35,8 @@ from tests.backend.conftest import (
     predict_request,
     rectangle,
 )
-from tests.backend.test_rle_decode import rle_bomb
-from tests.conftest import REFERENCE_DIR, TI_CHECKPOINT
-from tests.worker.conftest import free_port
+from tests.redis_fixtures import free_port
+from tests.serving.labelstudio.test_rle_decode import rle_bomb
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,9 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from backend.app import create_app
-from backend.settings import Settings
-from tests.backend.conftest import (
+from serving.settings import Settings
+from tests.conftest import REFERENCE_DIR, TI_CHECKPOINT
+from tests.http_fixtures import (
     BRUSH_CONFIG,
     LEGACY_TOKEN,
     FileServer,
@@ -24,7 +25,6 @@ from tests.backend.conftest import (
     rectangle,
     wait_until_ready,
 )
-from tests.conftest import REFERENCE_DIR, TI_CHECKPOINT
 
 IMAGE_PATH = "/data/upload/1/86aa99e5-image_640x480.png"
 

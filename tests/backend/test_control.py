@@ -20,9 +20,9 @@ from starlette.testclient import TestClient
 
 from backend.app import create_app
 from backend.control import WebhookAuth
-from backend.settings import Settings
-from tests.backend.conftest import LEGACY_TOKEN
-from worker.registry import ModelRegistry
+from serving.registry import ModelRegistry
+from serving.settings import Settings
+from tests.http_fixtures import LEGACY_TOKEN
 
 REDIS_URL = os.environ.get("EFFICIENTSAM_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 CALLER = ("203.0.113.9", 40000)  # the address the test client's requests come from

@@ -7,14 +7,14 @@ import pytest
 from starlette.testclient import TestClient
 
 from backend.app import create_app
-from tests.backend.conftest import (
+from tests.conftest import REFERENCE_DIR
+from tests.http_fixtures import (
     FileServer,
     predict_request,
     readme_settings,
     rectangle,
     wait_until_ready,
 )
-from tests.conftest import REFERENCE_DIR
 
 IMAGE = "/data/upload/1/image.png"
 

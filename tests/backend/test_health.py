@@ -7,7 +7,7 @@ import time
 from starlette.testclient import TestClient
 
 from backend.app import create_app
-from backend.settings import Settings
+from serving.settings import Settings
 from tests.conftest import TI_CHECKPOINT
 
 

@@ -12,7 +12,8 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from backend.app import create_app
-from tests.backend.conftest import (
+from tests.conftest import REFERENCE_DIR
+from tests.http_fixtures import (
     FileServer,
     keypoint,
     png_bytes,
@@ -20,7 +21,6 @@ from tests.backend.conftest import (
     readme_settings,
     wait_until_ready,
 )
-from tests.conftest import REFERENCE_DIR
 
 IMAGE = "/data/upload/1/image.png"
 

@@ -10,8 +10,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from backend.app import create_app
-from backend.settings import Settings
-from tests.backend.conftest import keypoint, predict_request
+from serving.settings import Settings
+from tests.http_fixtures import keypoint, predict_request
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from backend.service import autolabel_job_id, finetune_job_id
+from serving.requests import autolabel_job_id, finetune_job_id
 
 
 def test_job_ids_are_valid_rq_ids_and_distinct_per_version():

@@ -34,7 +34,7 @@ def promote_a_fine_tune(model_dir: Path, project: int, base_version: str, redis=
     import torch
 
     from efficientsam.build import load_state_dict_file
-    from worker.registry import ModelRegistry
+    from serving.registry import ModelRegistry
 
     state = load_state_dict_file(TI_CHECKPOINT)
     key = "mask_decoder.iou_token.weight"

@@ -16,7 +16,6 @@ import pytest
 from PIL import Image
 
 from efficientsam.training.synthetic import make_dataset
-from tests.backend.conftest import brush, decode_brush
 from tests.e2e.conftest import (
     LABEL_CONFIG,
     ask,
@@ -25,6 +24,7 @@ from tests.e2e.conftest import (
     retrieve_predictions,
     stored_predictions,
 )
+from tests.http_fixtures import brush, decode_brush
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

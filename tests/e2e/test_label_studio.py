@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.backend.conftest import decode_brush
 from tests.e2e.conftest import (
     annotate_box,
     ask,
@@ -22,6 +21,7 @@ from tests.e2e.conftest import (
     make_project,
     retrieve_predictions,
 )
+from tests.http_fixtures import decode_brush
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from tests.backend.conftest import decode_brush
 from tests.e2e.conftest import (
     annotate_box,
     ask,
@@ -21,6 +20,7 @@ from tests.e2e.conftest import (
     stored_predictions,
     wait_for,
 )
+from tests.http_fixtures import decode_brush
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

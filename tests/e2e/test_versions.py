@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from efficientsam.build import load_state_dict_file
+from serving.registry import ModelRegistry
 from tests.conftest import TI_CHECKPOINT
 from tests.e2e.conftest import (
     Processes,
@@ -24,7 +25,6 @@ from tests.e2e.conftest import (
     stored_predictions,
     wait_for,
 )
-from worker.registry import ModelRegistry
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -1,5 +1,5 @@
 """Run in a fresh process (``python -m tests.worker.autolabel_memory_probe H W N``): the embedded
-service's "segment everything" autolabel job (``worker.jobs.autolabel``) on a synthetic HxW PNG
+service's "segment everything" autolabel job (``serving.jobs.autolabel``) on a synthetic HxW PNG
 served by a file server on 127.0.0.1, with an N x N grid. Prints one JSON line: the job's
 regions and the peak RSS growth of the job over the RSS before it (the image is embedded first
 by a prewarm job, then the peak is reset, so the encoder's own peak is not counted).
@@ -18,17 +18,17 @@ import tempfile
 
 import torch
 
-from backend.settings import Settings
 from efficientsam.benchmark import (
     current_rss_bytes,
     peak_rss_bytes,
     reset_peak_rss,
     synthetic_image,
 )
-from tests.backend.conftest import LEGACY_TOKEN, FileServer, png_bytes
+from serving import jobs
+from serving.runtime import ModelRuntime
+from serving.settings import Settings
 from tests.conftest import TI_CHECKPOINT
-from worker import jobs
-from worker.runtime import ModelRuntime
+from tests.http_fixtures import LEGACY_TOKEN, FileServer, png_bytes
 
 IMAGE = "/data/upload/1/large.png"
 OUTPUT = {"tag": "BrushLabels", "name": "tag", "to_name": "image", "labels": ["Object"]}

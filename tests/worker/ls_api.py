@@ -16,7 +16,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-from tests.backend.conftest import LEGACY_TOKEN
+from tests.http_fixtures import LEGACY_TOKEN
 
 
 class LabelStudioApiServer:

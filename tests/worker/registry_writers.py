@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from worker.registry import ModelRegistry
+from serving.registry import ModelRegistry
 
 
 def record_events(model_dir: str, writer: int, count: int, start) -> None:

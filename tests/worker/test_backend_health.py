@@ -6,9 +6,9 @@ from __future__ import annotations
 from starlette.testclient import TestClient
 
 from backend.app import create_app
-from backend.settings import Settings
-from worker.registry import ModelRegistry
-from worker.serialization import JobSerializer
+from serving.registry import ModelRegistry
+from serving.serialization import JobSerializer
+from serving.settings import Settings
 
 
 def test_no_interactive_worker_is_503_even_with_a_published_version(
@@ -33,7 +33,7 @@ def test_opening_a_task_queues_only_its_embedding(redis_connection, redis_url, t
     front of 'batch', never a whole segment-everything job ahead of the clicks that follow."""
     from rq import Queue
 
-    from tests.backend.conftest import predict_request
+    from tests.http_fixtures import predict_request
 
     ModelRegistry(tmp_path, redis_connection).publish_base({"version": "efficientsam-ti-00000000"})
     settings = Settings.from_env({}, redis_url=redis_url)
@@ -43,4 +43,4 @@ def test_opening_a_task_queues_only_its_embedding(redis_connection, redis_url, t
     assert response.status_code == 200
     assert "result" not in response.json()["results"][0]
     jobs = Queue("batch", connection=redis_connection, serializer=JobSerializer).jobs
-    assert [job.func_name for job in jobs] == ["worker.jobs.prewarm"]
+    assert [job.func_name for job in jobs] == ["serving.jobs.prewarm"]

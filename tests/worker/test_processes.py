@@ -13,18 +13,18 @@ from rq.job import Job, JobStatus
 from starlette.testclient import TestClient
 
 from backend.app import create_app
-from backend.settings import Settings
-from backend.transports import QueueTransport
-from tests.backend.conftest import (
+from serving.serialization import JobSerializer
+from serving.settings import Settings
+from serving.transports import QueueTransport
+from tests.conftest import REPO_ROOT
+from tests.http_fixtures import (
     LEGACY_TOKEN,
     decode_brush,
     keypoint,
     predict_request,
     rectangle,
 )
-from tests.conftest import REPO_ROOT
-from tests.worker.conftest import IMAGE, WorkerProcesses, free_port, start_redis, wait_until
-from worker.serialization import JobSerializer
+from tests.redis_fixtures import IMAGE, WorkerProcesses, free_port, start_redis, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ def test_the_backend_never_imports_torch_in_redis_mode(redis_url):
         "import sys\n"
         "from starlette.testclient import TestClient\n"
         "from backend.app import create_app\n"
-        "from backend.settings import Settings\n"
+        "from serving.settings import Settings\n"
         f"app = create_app(Settings.from_env({{}}, redis_url={redis_url!r}))\n"
         "with TestClient(app) as client:\n"
         "    client.get('/health'); client.post('/setup', json={'project': '1.2'})\n"

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import redis
 
-from worker.projects import RedisProjectState
-from worker.training_run import Progress
+from serving.projects import RedisProjectState
+from serving.training_run import Progress
 
 
 def test_progress_survives_redis_going_away(caplog):

@@ -16,12 +16,13 @@ import redis
 from rq.job import Job, JobStatus
 from rq.scheduler import SCHEDULER_KEY_TEMPLATE, RQScheduler
 
-from backend.service import autolabel_job_id
-from backend.settings import Settings
-from backend.transports import QueueTransport
-from tests.backend.conftest import LEGACY_TOKEN
+from serving.requests import autolabel_job_id
+from serving.serialization import JobSerializer
+from serving.settings import Settings
+from serving.transports import QueueTransport
 from tests.conftest import REFERENCE_DIR
-from tests.worker.conftest import (
+from tests.http_fixtures import LEGACY_TOKEN
+from tests.redis_fixtures import (
     IMAGE,
     LabelStudioStub,
     WorkerProcesses,
@@ -29,7 +30,6 @@ from tests.worker.conftest import (
     start_redis,
     wait_until,
 )
-from worker.serialization import JobSerializer
 
 pytestmark = pytest.mark.slow
 

@@ -11,10 +11,10 @@ import subprocess
 import pytest
 import redis
 
-from backend.settings import Settings
-from backend.transports import QueueTransport
+from serving.settings import Settings
+from serving.transports import QueueTransport
 from tests.conftest import self_signed_certificate
-from tests.worker.conftest import WorkerProcesses, free_port, wait_until
+from tests.redis_fixtures import WorkerProcesses, free_port, wait_until
 
 PASSWORD = "tls0password"
 

@@ -10,13 +10,13 @@ from rq.job import Job
 from starlette.testclient import TestClient
 
 from backend.app import create_app
-from backend.settings import Settings
-from tests.backend.conftest import LEGACY_TOKEN, FileServer, keypoint, predict_request, rectangle
+from serving.registry import ModelRegistry
+from serving.serialization import JobSerializer
+from serving.settings import Settings
 from tests.conftest import TI_CHECKPOINT
-from tests.worker.conftest import IMAGE
-from tests.worker.test_registry import BASE, store_version
-from worker.registry import ModelRegistry
-from worker.serialization import JobSerializer
+from tests.http_fixtures import LEGACY_TOKEN, FileServer, keypoint, predict_request, rectangle
+from tests.redis_fixtures import IMAGE
+from tests.serving.test_registry import BASE, store_version
 
 
 @pytest.fixture
@@ -134,7 +134,7 @@ def test_a_version_that_failed_to_load_shows_in_health_and_metrics(registry, red
 @pytest.mark.slow
 def test_embedded_setup_clicks_and_batches_serve_the_picked_version(server, tmp_path):
     from efficientsam.build import load_state_dict_file
-    from worker.runtime import checkpoint_version
+    from serving.runtime import checkpoint_version
 
     base = checkpoint_version(TI_CHECKPOINT)
     weight = load_state_dict_file(TI_CHECKPOINT)["mask_decoder.iou_token.weight"]

@@ -1,0 +1,238 @@
+"""Label Studio brush RLE, vectorised.
+
+Produces exactly the bytes of ``label_studio_sdk.converter.brush.mask2rle`` (tests compare them
+on many masks) but with numpy instead of a Python loop over a bit string: the SDK takes ~0.9 s
+for a 640x480 mask with a ragged outline (a random-weight model's mask, or hair, foliage), this
+takes a few milliseconds.
+
+Decoding (:func:`decode_rle`, :func:`decode_alpha`) is our own too, because the SDK's cannot be
+bounded: it turns the whole stream into a Python string of bits, then allocates whatever value
+count the header claims (a 220 KB stroke claiming 1 GiB grew the process by 1,041 MiB) and only
+then can the caller compare the size with the image's. Ours reads the header first and refuses
+a count other than the one expected (``original_width x original_height x 4``) before it
+allocates anything, refuses truncated streams, bytes outside 0..255, values over 255 and literal
+runs past the end, and otherwise gives exactly the SDK's values (tests compare them on random
+masks and random well-formed streams). :func:`decode_alpha` writes only the alpha channel, one
+byte a pixel, which is all a mask needs (a quarter of the SDK's RGBA array).
+
+Format (LS editor, @thi.ng/rle-pack): header = 32 bits value count N (= W*H*4: every pixel's
+value repeated for R, G, B, A), 5 bits word size - 1 (7), four 4-bit run-length field widths - 1
+(3, 4, 8, 16). Then per run: flag bit (1 repeat / 0 literal), 2 bits choosing the width, count - 1
+in that width, the 8-bit value. Runs longer than 2^16 values are split; the stream is padded with
+1 to 8 zero bits to whole bytes (the SDK always pads, also when already aligned).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+HEADER_BITS = 53  # 32 value count, 5 word size - 1, 4 x 4 run-length field widths - 1
+_CHUNK = 2**16
+_HEADER_SIZES = "0010001101111111"  # widths 3, 4, 8, 16, each minus one
+_CLASS_LIMITS = np.array([1, 8, 16, 256], np.uint64)  # largest count of classes 0..3
+_PREFIX = np.array(
+    [0, 1 << 13, (1 << 14) | (1 << 12), (1 << 18) | (2 << 16), (1 << 26) | (3 << 24)], np.uint64
+)
+_WIDTH = np.array([14, 14, 15, 19, 27], np.int64)
+
+
+def encode_brush_mask(mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool/uint8 mask -> LS brush RLE bytes (uint8 array; ``.tolist()`` is the SDK's
+    list); foreground = 255. An array, not a list: orjson writes it and the JSON job serializer
+    (serving/serialization.py) ships it as base64 in
+    a fraction of the time a 150,000-int list takes."""
+    flat = np.asarray(mask).ravel() != 0
+    total = flat.size * 4
+    header = f"{total:032b}" + f"{7:05b}" + _HEADER_SIZES
+    if flat.size == 0:
+        return _pack(np.array([int(b) for b in header], np.uint8))
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    starts = np.concatenate(([0], change))
+    lengths = np.diff(np.concatenate((starts, [flat.size]))) * 4
+    run_values = flat[starts].astype(np.uint64) * np.uint64(255)
+
+    long = lengths > 256
+    if (lengths > _CHUNK).any():
+        # Runs longer than 2^16 values become full 2^16 chunks plus the remainder.
+        full_chunks = np.where(long, (lengths - 1) // _CHUNK, 0)
+        repeats = full_chunks + 1
+        remainder = lengths - full_chunks * _CHUNK
+        run_values = np.repeat(run_values, repeats)
+        long = np.repeat(long, repeats)
+        is_last = np.zeros(int(repeats.sum()), bool)
+        is_last[np.cumsum(repeats) - 1] = True
+        lengths = np.where(is_last, np.repeat(remainder, repeats), _CHUNK)
+    chunk_count = lengths.astype(np.uint64)
+
+    # Chunk classes: 0 literal of 1 word, 1 repeat <= 8, 2 <= 16, 3 <= 256, 4 split/long (16 bits).
+    # Every form keeps count - 1 at bit 8 and the value in bits 0-7, so one table lookup gives
+    # the prefix bits and the width.
+    chunk_class = np.searchsorted(_CLASS_LIMITS, chunk_count)
+    chunk_class[long] = 4
+    codes = np.empty(chunk_count.size + 1, np.uint64)
+    codes[0] = int(header, 2)
+    np.bitwise_or(_PREFIX[chunk_class], (chunk_count - 1) << np.uint64(8), out=codes[1:])
+    codes[1:] |= run_values
+    widths = np.empty(codes.size, np.int64)
+    widths[0] = len(header)
+    np.take(_WIDTH, chunk_class, out=widths[1:])
+    return _pack_codes(codes, widths)
+
+
+def _pack_codes(codes: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """Concatenate codes (uint64, MSB first, ``widths`` bits each, <= 64) into bytes, zero-pad
+    with 1..8 bits. Bits of different codes never overlap, so each 64-bit word is the OR of the
+    pieces that land in it; a code crossing a word boundary also puts its low part at the top
+    of the next word."""
+    ends = np.cumsum(widths)
+    starts = ends - widths
+    total_bits = int(ends[-1])
+    total_bits += 8 - total_bits % 8
+    words = np.zeros(total_bits // 64 + 2, np.uint64)
+    word = starts // 64
+    offset = starts % 64  # from the word's most significant bit
+    overflow = offset + widths - 64  # > 0: the code continues in the next word
+    shift_left = np.clip(-overflow, 0, 63).astype(np.uint64)
+    shift_right = np.clip(overflow, 0, 63).astype(np.uint64)
+    high = (codes << shift_left) >> shift_right
+    boundaries = np.flatnonzero(np.diff(word)) + 1
+    group_starts = np.concatenate(([0], boundaries))
+    words[word[group_starts]] = np.bitwise_or.reduceat(high, group_starts)
+    crossing = overflow > 0
+    if crossing.any():
+        spill = (64 - overflow[crossing]).astype(np.uint64)
+        words[word[crossing] + 1] |= codes[crossing] << spill
+    return words.astype(">u8").view(np.uint8)[: total_bits // 8]
+
+
+def _pack(bits: np.ndarray) -> np.ndarray:
+    padded = np.concatenate((bits, np.zeros(8 - bits.size % 8, np.uint8)))
+    return np.packbits(padded)
+
+
+class BrushRLEError(ValueError):
+    """A brush RLE that is malformed, or claims another size than the image's (message says)."""
+
+
+def rle_bytes(rle: Sequence[int] | np.ndarray | bytes) -> bytes:
+    """The RLE as bytes: a list of ints 0..255 (LS's JSON), a uint8 array, or bytes."""
+    if isinstance(rle, bytes):
+        return rle
+    if isinstance(rle, np.ndarray):
+        if rle.dtype != np.uint8 or rle.ndim != 1:
+            raise BrushRLEError("brush RLE must be a flat list of bytes (0..255)")
+        return rle.tobytes()
+    if not isinstance(rle, list):
+        raise BrushRLEError("brush RLE must be a list of bytes (0..255)")
+    try:
+        return bytes(rle)  # C speed; TypeError for non-ints, ValueError outside 0..255
+    except (TypeError, ValueError) as error:
+        raise BrushRLEError(f"brush RLE must be a list of bytes (0..255): {error}") from None
+
+
+def rle_header(data: bytes) -> tuple[int, int, tuple[int, int, int, int]]:
+    """(value count, word size in bits, the four run-length field widths in bits), from the
+    first 53 bits only."""
+    if len(data) * 8 < HEADER_BITS:
+        raise BrushRLEError(f"brush RLE of {len(data)} bytes is shorter than its header")
+    header = int.from_bytes(data[:7], "big") >> 3
+    widths = tuple(((header >> shift) & 15) + 1 for shift in (12, 8, 4, 0))
+    return header >> 21, ((header >> 16) & 31) + 1, widths  # type: ignore[return-value]
+
+
+def _decode(data: bytes, fill: Callable[[int, int, int | np.ndarray], None]) -> None:
+    """Walk the runs of a stream whose header was checked, calling ``fill(start, stop, value)``
+    (value: an int for a repeat run, a uint8 array for a literal run). Runs are a chain (each
+    one's length says where the next starts), so this is a loop over runs, each a few integer
+    operations on a 64-bit window; the values are written by slices."""
+    count, word, widths = rle_header(data)
+    total_bits = len(data) * 8
+    padded = data + bytes(16)  # windows past the end read zeros; truncation is checked below
+    array = np.frombuffer(padded, np.uint8)
+    word_mask = (1 << word) - 1
+    mask64 = (1 << 64) - 1
+    position, index = HEADER_BITS, 0
+    while index < count:
+        start = position >> 3
+        window = (int.from_bytes(padded[start : start + 8], "big") << (position & 7)) & mask64
+        width = widths[(window >> 61) & 3]
+        stop = index + 1 + ((window >> (61 - width)) & ((1 << width) - 1))
+        used = 3 + width
+        if window >> 63:  # repeat: one value for the whole run (the last run may overshoot)
+            value = (window >> (64 - used - word)) & word_mask
+            position += used + word
+            if position > total_bits:
+                raise BrushRLEError("brush RLE ends in the middle of a run")
+            if value > 255:
+                raise BrushRLEError(f"brush RLE value {value} does not fit in a byte")
+            fill(index, min(stop, count), value)
+        else:  # literal: stop - index values of ``word`` bits each
+            if stop > count:
+                raise BrushRLEError("brush RLE has more values than its header says")
+            bits = position + used + word * np.arange(stop - index, dtype=np.int64)
+            position += used + word * (stop - index)
+            if position > total_bits:
+                raise BrushRLEError("brush RLE ends in the middle of a run")
+            first = bits >> 3
+            gathered = np.zeros(first.size, np.uint64)
+            for offset in range(5):  # word <= 32 bits from any bit offset: 5 bytes
+                gathered = (gathered << np.uint64(8)) | array[first + offset]
+            shift = (40 - (bits & 7) - word).astype(np.uint64)
+            values = (gathered >> shift) & np.uint64(word_mask)
+            if word > 8 and int(values.max()) > 255:
+                raise BrushRLEError(f"brush RLE value {int(values.max())} does not fit in a byte")
+            fill(index, stop, values.astype(np.uint8))
+        index = stop
+
+
+def decode_rle(rle: Sequence[int] | np.ndarray | bytes, max_values: int) -> np.ndarray:
+    """LS brush RLE -> flat uint8 values, exactly ``label_studio_sdk``'s ``decode_rle``, but a
+    stream whose header claims more than ``max_values`` values is refused before anything is
+    allocated (so is a malformed one)."""
+    data = rle_bytes(rle)
+    count = rle_header(data)[0]
+    if count > max_values:
+        raise BrushRLEError(f"brush RLE claims {count} values, more than {max_values}")
+    out = np.zeros(count, np.uint8)
+
+    def fill(start: int, stop: int, value: int | np.ndarray) -> None:
+        out[start:stop] = value
+
+    _decode(data, fill)
+    return out
+
+
+def decode_alpha(
+    rle: Sequence[int] | np.ndarray | bytes, width: int, height: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """LS brush RLE of a ``width`` x ``height`` image -> (height, width) bool mask, alpha > 0
+    (the SDK's RGBA decode, channel 3). The header must claim ``width * height * 4`` values:
+    anything else is refused before allocating. With ``out`` (a (height, width) bool array),
+    the stroke is OR-ed into it (a union of strokes in one array)."""
+    data = rle_bytes(rle)
+    count = rle_header(data)[0]
+    if count != width * height * 4:
+        raise BrushRLEError(
+            f"brush RLE claims {count} values, expected {width}x{height}x4 = "
+            f"{width * height * 4} for the image size given"
+        )
+    if out is None:
+        out = np.zeros((height, width), bool)
+    if out.shape != (height, width) or out.dtype != bool or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous ({height}, {width}) bool array")
+    alpha = out.reshape(-1)
+
+    def fill(start: int, stop: int, value: int | np.ndarray) -> None:
+        # Alpha is every 4th value from index 3: pixels start // 4 .. stop // 4 (exclusive).
+        first, last = start // 4, stop // 4
+        if first >= last:
+            return
+        if isinstance(value, np.ndarray):
+            alpha[first:last] |= value[4 * first + 3 - start :: 4][: last - first] > 0
+        elif value:
+            alpha[first:last] = True
+
+    _decode(data, fill)
+    return out
