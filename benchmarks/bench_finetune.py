@@ -40,6 +40,7 @@ SHARED = Path(os.environ.get("EFFICIENTSAM_SHARED_DIR", ROOT.parent / "shared"))
 CHECKPOINT = SHARED / "fixtures" / "efficientsam_ti_random.pt"
 
 from efficientsam import load_model  # noqa: E402
+from efficientsam.arrays import mask_iou  # noqa: E402
 from efficientsam.benchmark import peak_rss_bytes  # noqa: E402
 from efficientsam.training import (  # noqa: E402
     FineTuner,
@@ -50,7 +51,7 @@ from efficientsam.training import (  # noqa: E402
     evaluate,
 )
 from efficientsam.training.synthetic import make_dataset  # noqa: E402
-from efficientsam.utils import keep_freed_memory_for_reuse, mask_iou  # noqa: E402
+from efficientsam.utils import keep_freed_memory_for_reuse  # noqa: E402
 
 METRICS = ("one_click_miou", "box_miou", "three_click_miou")
 

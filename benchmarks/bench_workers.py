@@ -228,9 +228,9 @@ def shared_cache_dtype(reference: np.ndarray) -> dict:
     import torch
 
     from efficientsam import load_model
+    from efficientsam.arrays import mask_iou
     from efficientsam.predictor import ImageEmbedding, Predictor
     from efficientsam.prompts import Prompt
-    from efficientsam.utils import mask_iou
     from serving.cache_redis import decode_embedding, encode_embedding
 
     predictor = Predictor(load_model(CHECKPOINT))

@@ -1,7 +1,7 @@
 """EfficientSAM (Ti / S) in PyTorch: model, checkpoint loading, predictor and embedding cache.
 
 The top-level names are imported on first use, so that torch-free parts of the library
-(``efficientsam.prompts``, ``efficientsam.utils``) can be used by processes without torch.
+(``efficientsam.prompts``, ``efficientsam.arrays``) can be used by processes without torch.
 """
 
 from __future__ import annotations

@@ -29,11 +29,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .arrays import mask_iou
 from .build import build_efficient_sam, load_model
 from .modeling import EfficientSam
 from .modeling.reference import reference_predict_masks
 from .predictor import Predictor
-from .utils import keep_freed_memory_for_reuse, mask_iou, resolve_device
+from .utils import keep_freed_memory_for_reuse, resolve_device
 
 CLICK_IMAGE_SIZE = (480, 640)  # (H, W)
 WARMUP = 2

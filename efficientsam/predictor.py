@@ -20,18 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .arrays import image_content_hash, validate_rgb_image
 from .build import tensors_fingerprint
 from .cache import EmbeddingCache, EmbeddingKey, InMemoryEmbeddingCache
 from .modeling import EfficientSam
 from .modeling.two_way_transformer import PreparedImage
 from .prompts import Prompt, fit_prompt, prompt_token_arrays
-from .utils import (
-    bicubic_resize_matrix,
-    image_content_hash,
-    image_to_tensor,
-    tensor_version,
-    validate_rgb_image,
-)
+from .utils import bicubic_resize_matrix, image_to_tensor, tensor_version
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PREPROCESSING_ID = "stretch1024-bilinear-noaa-imagenet"

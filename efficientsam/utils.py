@@ -1,15 +1,12 @@
-"""Small pure helpers: device choice, image conversion and hashing, mask geometry.
-
-Importing this module does not import torch (the web tier hashes images without it); the
-helpers that work on tensors import it when called.
-"""
+"""Small helpers on tensors: device choice, image to tensor, resize matrices, allocator."""
 
 from __future__ import annotations
 
-import hashlib
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .arrays import validate_rgb_image
 
 if TYPE_CHECKING:
     import torch
@@ -22,19 +19,6 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if device is None or (isinstance(device, str) and device == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def validate_rgb_image(image: np.ndarray) -> np.ndarray:
-    """Check an HxWx3 uint8 RGB array (C-contiguous copy if needed)."""
-    if not isinstance(image, np.ndarray):
-        raise TypeError(f"image must be a numpy array, got {type(image).__name__}")
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image must be H x W x 3 (RGB), got shape {image.shape}")
-    if image.dtype != np.uint8:
-        raise ValueError(f"image must be uint8, got {image.dtype}")
-    if image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError(f"image is empty: shape {image.shape}")
-    return np.ascontiguousarray(image)
 
 
 def image_to_tensor(image: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -77,38 +61,6 @@ def bicubic_resize_matrix(in_size: int, out_size: int) -> torch.Tensor:
     matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
     matrix.scatter_add_(1, taps, weights)  # clamped taps at the border accumulate
     return matrix.float()
-
-
-def image_content_hash(image: np.ndarray) -> str:
-    """Hex digest of an image's shape, dtype and pixels (what the model sees, not the file)."""
-    image = np.ascontiguousarray(image)
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{image.shape}|{image.dtype}|".encode())
-    digest.update(memoryview(image).cast("B"))
-    return digest.hexdigest()
-
-
-def mask_iou(first: np.ndarray | torch.Tensor, second: np.ndarray | torch.Tensor) -> float:
-    """Intersection over union of two boolean masks of the same shape (1.0 if both empty)."""
-    a = _as_bool_array(first)
-    b = _as_bool_array(second)
-    union = int(np.count_nonzero(a | b))
-    return 1.0 if union == 0 else int(np.count_nonzero(a & b)) / union
-
-
-def _as_bool_array(mask: np.ndarray | torch.Tensor) -> np.ndarray:
-    if hasattr(mask, "detach"):  # a tensor
-        mask = mask.detach().cpu().numpy()
-    return np.asarray(mask).astype(bool, copy=False)
-
-
-def mask_to_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    """Tight (x0, y0, x1, y1) pixel box of a boolean HxW mask (inclusive), None if empty."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
 
 
 def keep_freed_memory_for_reuse(threshold_bytes: int = 32 * 1024**2) -> bool:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..arrays import mask_iou
 from ..cache import EmbeddingKey
 from ..modeling import EfficientSam
 from ..predictor import ImageEmbedding, Predictor
 from ..prompts import Prompt
-from ..utils import image_to_tensor, mask_iou
+from ..utils import image_to_tensor
 from .data import TrainingImage
 from .prompts import add_click, corrective_click, interior_point, tight_box
 

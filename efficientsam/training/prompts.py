@@ -10,6 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from ..arrays import mask_to_box
 from ..prompts import (
     LABEL_NEGATIVE,
     LABEL_PADDING,
@@ -19,7 +20,6 @@ from ..prompts import (
     fit_prompt,
     prompt_token_arrays,
 )
-from ..utils import mask_to_box
 
 
 def distance_to_boundary(mask: np.ndarray) -> np.ndarray:

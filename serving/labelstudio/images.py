@@ -36,7 +36,7 @@ from urllib.parse import quote, urljoin, urlsplit
 import httpx
 import numpy as np
 
-from efficientsam.utils import image_content_hash
+from efficientsam.arrays import image_content_hash
 from serving.labelstudio.outbound import (
     DeadlineExceeded,
     GuardedTransport,

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from pycocotools import mask as coco_mask
 
 from efficientsam import load_model
+from efficientsam.arrays import mask_to_box
 from efficientsam.automatic import (
     AutomaticMaskGenerator,
     box_iou,
@@ -26,7 +27,6 @@ from efficientsam.automatic import (
 from efficientsam.benchmark import run_everything_probe
 from efficientsam.predictor import Predictor
 from efficientsam.prompts import Prompt
-from efficientsam.utils import mask_to_box
 
 # The random-weight Ti model predicts IoU in ~[-0.5, 0.5] and weak logits (|x| ~ 0.5), so the
 # notebook's thresholds keep nothing; these let a good share of its masks through.

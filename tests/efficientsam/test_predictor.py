@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from efficientsam import load_model
+from efficientsam.arrays import mask_iou
 from efficientsam.cache import InMemoryEmbeddingCache
 from efficientsam.predictor import Predictor
 from efficientsam.prompts import Prompt
-from efficientsam.utils import mask_iou
 from tests.conftest import REFERENCE_DIR
 
 

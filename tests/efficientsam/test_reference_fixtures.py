@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from efficientsam.utils import image_to_tensor, mask_iou
+from efficientsam.arrays import mask_iou
+from efficientsam.utils import image_to_tensor
 from tests.conftest import REFERENCE_DIR
 
 EMBEDDING_TOLERANCE = 1e-4
