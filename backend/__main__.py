@@ -57,20 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from backend.app import create_app
-    from backend.service import ServiceError
-    from serving.transports import TransportError
+    from serving.transports import configuration_error
 
-    try:
-        app = create_app(settings)
-    except (ServiceError, TransportError) as error:
-        print(f"backend: error: {error}", file=sys.stderr)
+    problem = configuration_error(settings)  # found before listening; the model loads later
+    if problem:
+        print(f"backend: error: {problem}", file=sys.stderr)
         return 2
+    app = create_app(settings)  # the transport is built in its lifespan
     logging.getLogger(__name__).info(
-        "serving on http://%s:%d (%s transport, %s)",
+        "serving on http://%s:%d (%s)",
         settings.host,
         settings.port,
-        app.state.service.transport.name,
-        "basic auth on" if settings.basic_auth_enabled else "no auth",
+        "Redis queues" if settings.redis_url else "model in this process",
     )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
     return 0

@@ -112,33 +112,36 @@ def _too_large(limit: int) -> str:
 
 
 def create_app(settings: Settings, service: SegmentationService | None = None) -> Starlette:
-    """The ASGI app. ``service`` defaults to the embedded one (model in this process)."""
+    """The ASGI app; builds nothing heavy. Its lifespan creates the service (the transport: the
+    model in this process, or the Redis queues; LS clients) unless one is given, starts it and
+    closes it at shutdown. Routes reach it as ``app.state.service``."""
     metrics = service.metrics if service is not None else Metrics()
-    if service is None:
-        service = SegmentationService(settings, metrics)
+
+    def current(request: Request) -> SegmentationService:
+        return request.app.state.service
 
     async def health(request: Request) -> Response:
-        body, status = await run_in_threadpool(service.health)
+        body, status = await run_in_threadpool(current(request).health)
         return FastJSONResponse(body, status_code=status)
 
     async def setup(request: Request) -> Response:
         payload = await _json_body(request, settings.max_request_bytes)
         source = client_address(request.scope)
-        return FastJSONResponse(await run_in_threadpool(service.setup, payload, source))
+        return FastJSONResponse(await run_in_threadpool(current(request).setup, payload, source))
 
     async def predict(request: Request) -> Response:
         payload = await _json_body(request, settings.max_request_bytes)
-        return FastJSONResponse(await run_in_threadpool(service.predict, payload))
+        return FastJSONResponse(await run_in_threadpool(current(request).predict, payload))
 
     async def webhook(request: Request) -> Response:
         payload = await _json_body(request, settings.max_request_bytes)
         source = client_address(request.scope)
-        body, status = await run_in_threadpool(service.webhook, payload, source)
+        body, status = await run_in_threadpool(current(request).webhook, payload, source)
         return FastJSONResponse(body, status_code=status)
 
     async def versions(request: Request) -> Response:
         project = request.query_params.get("project")
-        return FastJSONResponse(await run_in_threadpool(service.versions, project))
+        return FastJSONResponse(await run_in_threadpool(current(request).versions, project))
 
     async def metrics_route(request: Request) -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
@@ -172,17 +175,27 @@ def create_app(settings: Settings, service: SegmentationService | None = None) -
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        service.start()
+        started = time.perf_counter()
+        # reads the checkpoint (embedded) or connects to Redis: off the event loop
+        resource = service or await run_in_threadpool(SegmentationService, settings, metrics)
+        app.state.service = resource
+        resource.start()
+        logger.info(
+            "%s transport ready in %.2f s (%s)",
+            resource.transport.name,
+            time.perf_counter() - started,
+            "basic auth on" if settings.basic_auth_enabled else "no auth",
+        )
         try:
             yield
         finally:
-            service.close()
+            resource.close()
 
     app = Starlette(routes=routes, lifespan=lifespan)
     if settings.basic_auth_enabled:
         app.add_middleware(
             BasicAuthMiddleware, user=settings.basic_auth_user, password=settings.basic_auth_pass
         )
-    app.state.service = service
+    app.state.service = None  # set by the lifespan
     app.state.settings = settings
     return app

@@ -71,6 +71,7 @@ class SegmentationService:
         metrics: Metrics | None = None,
         transport: Transport | None = None,
     ) -> None:
+        """Creates the transport (unless given) and LS clients: call from the app's lifespan."""
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.transport = transport or create_transport(settings)

@@ -239,19 +239,29 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Efficien
     """
     started = time.perf_counter()
     state_dict = load_state_dict_file(path)
-    variant = infer_variant(state_dict)
-    model = build_efficient_sam(variant)
-    state_dict = {key: value.float() for key, value in state_dict.items()}
-    load_state_dict_strict(model, state_dict)
-    model = model.to(resolve_device(device)).eval()
-    model.checkpoint_path = str(path)
+    model = model_from_state_dict(state_dict, device, source=path)
     logger.info(
         "loaded EfficientSAM-%s from %s on %s in %.2f s",
-        variant.name.upper(),
+        infer_variant(state_dict).name.upper(),
         path,
         model.device,
         time.perf_counter() - started,
     )
+    return model
+
+
+def model_from_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    device: str | torch.device = "cpu",
+    source: str | Path | None = None,
+) -> EfficientSam:
+    """The variant ``state_dict`` was made for, loaded strictly: eval mode, float32, on
+    ``device``; ``source`` (the file it came from) is recorded as ``checkpoint_path``."""
+    model = build_efficient_sam(infer_variant(state_dict))
+    load_state_dict_strict(model, {key: value.float() for key, value in state_dict.items()})
+    model = model.to(resolve_device(device)).eval()
+    if source is not None:
+        model.checkpoint_path = str(source)
     return model
 
 

@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -36,6 +36,7 @@ from serving.registry import ModelRegistry, RegistryError, VersionInfo
 from serving.settings import Settings
 
 if TYPE_CHECKING:
+    import torch
     from redis import Redis
 
     from efficientsam.modeling import EfficientSam
@@ -86,12 +87,12 @@ def find_checkpoint(settings: Settings) -> Path:
     )
 
 
-def checkpoint_version(path: Path) -> str:
-    """Deterministic version: variant + fingerprint of all weights, e.g. efficientsam-ti-1a2b3c4d."""
-    from efficientsam.build import infer_variant, load_state_dict_file, tensors_fingerprint
+def checkpoint_version(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Deterministic version of a checkpoint's tensors: variant + fingerprint of all weights,
+    e.g. efficientsam-ti-1a2b3c4d."""
+    from efficientsam.build import infer_variant, tensors_fingerprint
 
-    state = load_state_dict_file(path)
-    return f"efficientsam-{infer_variant(state).name}-{tensors_fingerprint(state)[:8]}"
+    return f"efficientsam-{infer_variant(state_dict).name}-{tensors_fingerprint(state_dict)[:8]}"
 
 
 @dataclass(frozen=True)
@@ -146,13 +147,24 @@ class ModelRuntime:
         self._versions: OrderedDict[str, ServedModel] = OrderedDict()
         self._lock = threading.Lock()
         self._labelstudio = None
+        self._checkpoint_tensors: dict[str, torch.Tensor] | None = None  # read, not yet loaded
 
     # -- start-up ------------------------------------------------------------------------------
+    def read_checkpoint(self) -> str:
+        """Read the base checkpoint (its only read: :meth:`load` builds the model from these
+        tensors) and return its version."""
+        from efficientsam.build import load_state_dict_file
+
+        if self.base_version is None:
+            self._checkpoint_tensors = load_state_dict_file(self.checkpoint)
+            self.base_version = checkpoint_version(self._checkpoint_tensors)
+        return self.base_version
+
     def load(self) -> ServedModel:
         """Load the base checkpoint (once), publish its version. Call through :meth:`compute`."""
         import torch
 
-        from efficientsam import load_model
+        from efficientsam.build import model_from_state_dict
         from efficientsam.cache import InMemoryEmbeddingCache
         from efficientsam.predictor import Predictor
         from efficientsam.utils import keep_freed_memory_for_reuse
@@ -163,8 +175,10 @@ class ModelRuntime:
         if self.settings.threads > 0:
             torch.set_num_threads(self.settings.threads)
         keep_freed_memory_for_reuse()
-        self.base_version = checkpoint_version(self.checkpoint)
-        model = load_model(self.checkpoint, device=self.settings.device)
+        self.read_checkpoint()
+        tensors, self._checkpoint_tensors = self._checkpoint_tensors, None
+        model = model_from_state_dict(tensors, self.settings.device, source=self.checkpoint)
+        del tensors  # the model holds its own float32 copies
         hot = InMemoryEmbeddingCache(self.settings.embedding_cache_bytes)
         if self.redis is not None:
             from serving.cache_redis import RedisEmbeddingCache, TieredEmbeddingCache

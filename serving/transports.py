@@ -83,7 +83,7 @@ class EmbeddedTransport:
 
     def __init__(self, settings: Settings) -> None:
         from serving.compute import ComputeThread
-        from serving.runtime import ModelRuntime, checkpoint_version
+        from serving.runtime import ModelRuntime
 
         self.settings = settings
         # Every torch call runs on this one thread (one OpenMP team, see serving/compute.py),
@@ -98,7 +98,8 @@ class EmbeddedTransport:
             self.runtime = ModelRuntime(
                 settings, compute=self._compute.run, between_steps=self._compute.checkpoint
             )
-            self.base_version = checkpoint_version(self.runtime.checkpoint)
+            # the checkpoint's only read: the version now, the model from it on the compute thread
+            self.base_version = self.runtime.read_checkpoint()
         except (CheckpointError, ConfigurationError, OSError) as error:
             raise TransportError(str(error), 500) from error
         logger.info(
@@ -481,6 +482,19 @@ class QueueTransport:
             self.connection.hset(self._params_key, str(project), json.dumps(params))
         except redis.RedisError as error:
             raise self._unavailable(error) from error
+
+
+def configuration_error(settings: Settings) -> str | None:
+    """What keeps the backend from starting, found without loading anything (None: nothing)."""
+    if settings.redis_url:
+        return None
+    from serving.runtime import ConfigurationError, find_checkpoint
+
+    try:
+        find_checkpoint(settings)
+    except ConfigurationError as error:
+        return str(error)
+    return None
 
 
 def create_transport(settings: Settings) -> Transport:

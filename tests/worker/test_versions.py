@@ -136,7 +136,7 @@ def test_embedded_setup_clicks_and_batches_serve_the_picked_version(server, tmp_
     from efficientsam.build import load_state_dict_file
     from serving.runtime import checkpoint_version
 
-    base = checkpoint_version(TI_CHECKPOINT)
+    base = checkpoint_version(load_state_dict_file(TI_CHECKPOINT))
     weight = load_state_dict_file(TI_CHECKPOINT)["mask_decoder.iou_token.weight"]
     registry = ModelRegistry(tmp_path)
     tuned = registry.store_version("1", base, {"mask_decoder.iou_token.weight": weight * 0.5}, {})
