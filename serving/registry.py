@@ -125,8 +125,8 @@ class ModelRegistry:
             raise RegistryError(f"bad project id {project!r}")
         return self.model_dir / "projects" / f"{project}.json"
 
-    # -- project state -------------------------------------------------------------------------
-    def project_state(self, project: str) -> dict:
+    # -- version history -------------------------------------------------------------------------
+    def version_history(self, project: str) -> dict:
         """``{"current": version or None, "history": [...], "promoted": n}`` (cached by inode,
         mtime and size: every write is a new file, so another process's write is always seen)."""
         path = self._project_path(project)
@@ -148,7 +148,7 @@ class ModelRegistry:
         """The project's promoted fine-tune, or None when it is served by the base model."""
         if project is None:
             return None
-        return self.project_state(project)["current"]
+        return self.version_history(project)["current"]
 
     def projects(self) -> list[str]:
         folder = self.model_dir / "projects"
@@ -162,7 +162,7 @@ class ModelRegistry:
         projects = [str(project)] if project is not None else self.projects()
         versions: list[str] = []
         for name in projects:
-            for event in self.project_state(name)["history"]:
+            for event in self.version_history(name)["history"]:
                 version = event.get("version")
                 if event.get("event") == "promoted" and version and version not in versions:
                     versions.append(version)
@@ -238,7 +238,7 @@ class ModelRegistry:
         second run (another process) never overwrites a stored version, it takes the next n."""
         from safetensors.torch import save_file
 
-        number = int(self.project_state(project).get("promoted", 0)) + 1
+        number = int(self.version_history(project).get("promoted", 0)) + 1
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         header = {key: json.dumps(value) for key, value in metadata.items()}
         header.update({"base": json.dumps(base_version), "project": json.dumps(str(project))})
@@ -319,7 +319,7 @@ class ModelRegistry:
         count = 0
         projects = self.projects()
         for project in projects:
-            current = self.project_state(project)["current"]
+            current = self.version_history(project)["current"]
             self._publish_project(project, current)
             count += current is not None
         known = {f"{self.prefix}:project:{project}" for project in projects}
@@ -334,7 +334,7 @@ class ModelRegistry:
         stale or left over) or the base description missing (its content is each worker's
         own: workers of two checkpoints would take turns); one MGET and one SCAN."""
         expected = {
-            f"{self.prefix}:project:{project}": self.project_state(project)["current"]
+            f"{self.prefix}:project:{project}": self.version_history(project)["current"]
             for project in self.projects()
         }
         keys = list(expected)

@@ -182,7 +182,7 @@ def versions(settings: Settings, args: argparse.Namespace) -> int:
     if not projects:
         print("no fine-tuned versions: every project is served by the base model")
     for project in projects:
-        state = registry.project_state(project)
+        state = registry.version_history(project)
         print(f"project {project}: serving {state['current'] or 'the base model'}")
         for event in state["history"]:
             print(

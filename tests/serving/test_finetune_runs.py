@@ -102,7 +102,7 @@ def test_bad_annotations_and_images_skip_their_task_with_the_reason(label_studio
     assert result["skipped_tasks"]["count"] == 3 and sorted(skipped) == [6, 7, 8]
     assert "brushlabels" in skipped[6] and "polygonlabels" in skipped[7]
     assert skipped[8].startswith("image:") and "404" in skipped[8]
-    history = runtime.registry.project_state("3")["history"]
+    history = runtime.registry.version_history("3")["history"]
     assert history[-1]["skipped_tasks"]["count"] == 3
     assert runtime.project_state.new_annotations("3") == 0
 
@@ -150,7 +150,7 @@ def test_a_crashed_run_keeps_the_count_and_is_retried_only_before_training(
     attempts = label_studio.answered("/api/projects/3")
     assert len(attempts) == 2  # the failed sync, then the run that trained; no third
     assert runtime.project_state.new_annotations("3") == 3
-    assert runtime.registry.project_state("3")["history"] == []  # nothing promoted
+    assert runtime.registry.version_history("3")["history"] == []  # nothing promoted
 
 
 def test_two_submits_at_once_queue_one_finetune(redis_connection, redis_url):

@@ -59,7 +59,7 @@ def test_promote_reject_rollback_history(tmp_path):
     assert registry.current_version("3") == second
     assert registry.rollback("3")["current"] == first  # the one before
     assert registry.rollback("3", "base")["current"] is None
-    state = registry.project_state("3")
+    state = registry.version_history("3")
     assert [e["event"] for e in state["history"]] == [
         "promoted",
         "rejected",
@@ -81,7 +81,7 @@ def test_versions_of_other_projects_are_refused(tmp_path):
     with pytest.raises(RegistryError):
         registry.version_info("efficientsam-ti-00000000+p3-ft9")
     with pytest.raises(RegistryError):
-        registry.project_state("../etc")
+        registry.version_history("../etc")
 
 
 def test_metadata_is_read_without_tensors(tmp_path):
@@ -136,7 +136,7 @@ def test_history_updates_from_several_processes_are_never_lost(tmp_path):
         [(registry_writers.record_events, (str(tmp_path), w, count)) for w in range(writers)]
         + [(registry_writers.roll_back, (str(tmp_path), count))]
     )
-    history = ModelRegistry(tmp_path).project_state("3")["history"]
+    history = ModelRegistry(tmp_path).version_history("3")["history"]
     assert len(history) == (writers + 1) * count
     for writer in range(writers):
         mine = [e["n"] for e in history if e.get("writer") == writer]
