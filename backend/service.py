@@ -3,7 +3,7 @@
 ``SegmentationService`` speaks LS's side (tasks, label configs, context prompts, batch rules,
 model versions) and leaves the model work to a :class:`~serving.transports.Transport`: the
 embedded one (model in this process) or the RQ one (``python -m worker`` processes). Both run
-the same job functions of ``serving.jobs`` on the same JSON requests.
+the jobs of ``serving.jobs.JOBS`` on the same request structs (serving/requests.py).
 
 Batch predictions ("Retrieve predictions", ``context`` null). LS stores every entry that has a
 ``result`` as the current version's prediction and never asks again for that task under that
@@ -38,11 +38,13 @@ from serving.labelstudio.context import (
     parse_context,
 )
 from serving.labelstudio.label_config import LabelConfigError, ProjectConfig, parse_label_config
-from serving.labelstudio.tasks import TaskError, annotation_events, image_url, project_id
+from serving.labelstudio.tasks import TaskError, annotation_events, project_id
 from serving.requests import (
+    AutolabelRequest,
+    PrewarmRequest,
     autolabel_job_id,
     autolabel_request,
-    output_request,
+    segment_request,
     submit_finetune,
 )
 from serving.settings import AUTOLABEL_MODES, Settings
@@ -280,30 +282,11 @@ class SegmentationService:
         if prompt is None:
             return {"result": [], "model_version": version}
         try:
-            image = image_url(task, config)
+            request = segment_request(project, task, config, prompt, version)
         except TaskError as error:
             raise ServiceError(str(error), error.status) from error
-        request = {
-            "project": project,
-            "task": task.get("id"),
-            "image": image,
-            "size": list(prompt.size),
-            "prompt": {
-                "points": prompt.prompt.points.tolist(),
-                "labels": prompt.prompt.labels.tolist(),
-                "box": list(prompt.prompt.box) if prompt.prompt.box is not None else None,
-            },
-            "output": output_request(config),
-            "label": prompt.label,
-            "dropped_items": prompt.dropped_items,
-            "model_version": version,
-        }
         entry = self._guard(
-            self.transport.call,
-            "segment",
-            request,
-            "interactive",
-            self.settings.interactive_wait_seconds,
+            self.transport.call, "segment", request, self.settings.interactive_wait_seconds
         )
         if "error" in entry:
             self.metrics.predictions.labels("interactive", "error").inc()
@@ -351,13 +334,13 @@ class SegmentationService:
                     queued,
                     self.settings.max_image_pixels,
                 )
-                boxes = request["task"]["boxes"]
-                prewarm = {"project": project, "task": task_id, "image": request["task"]["image"]}
+                boxes = request.task.boxes
+                prewarm = PrewarmRequest(project=project, task=task_id, image=request.task.image)
                 automatic = not boxes and mode in ("auto", "everything")
                 if not boxes and (single or not automatic):
                     if single:  # the editor opened a task: only its embedding, at the front of
                         # the queue, never a whole "segment everything" ahead of the clicks
-                        self._guard(self.transport.submit, "prewarm", prewarm, "batch", None, True)
+                        self._guard(self.transport.submit, "prewarm", prewarm, None, True)
                     reason = (
                         "automatic masks are not computed for one task"
                         if automatic
@@ -369,7 +352,6 @@ class SegmentationService:
                         self.transport.submit,
                         "autolabel",
                         request,
-                        "batch",
                         autolabel_job_id(project, task_id, version),
                         single,
                         f"autolabel task {task_id} of project {project} ({mode})",
@@ -396,17 +378,17 @@ class SegmentationService:
                 entries.append(self._skipped(version, str(error)))
         return entries
 
-    def _autolabel_inline(self, request: dict, version: str, seconds: float) -> dict:
+    def _autolabel_inline(self, request: AutolabelRequest, version: str, seconds: float) -> dict:
         """One task predicted in this request, stopped after ``seconds`` (no result then)."""
         from serving.compute import DeadlineExceeded
 
         try:
-            entry = self._guard(self.transport.call, "autolabel", request, "batch", seconds)
+            entry = self._guard(self.transport.call, "autolabel", request, seconds)
         except DeadlineExceeded:
             entry = {"skipped": "time budget of this request used up; retrieve again"}
         if "error" in entry or "skipped" in entry:
             reason = entry.get("error") or entry.get("skipped")
-            logger.warning("task %s: no prediction: %s", request["task"]["id"], reason)
+            logger.warning("task %s: no prediction: %s", request.task.id, reason)
             self.metrics.predictions.labels("batch", "error").inc()
             return self._skipped(version, reason)
         self.metrics.predictions.labels("batch", "ok").inc()

@@ -38,10 +38,19 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from serving.requests import (  # noqa: E402
+    AutolabelRequest,
+    BoxSpec,
+    OutputSpec,
+    PromptSpec,
+    SegmentRequest,
+    TaskSpec,
+)
+
 SHARED = Path(os.environ.get("EFFICIENTSAM_SHARED_DIR", ROOT.parent / "shared"))
 CHECKPOINT = SHARED / "fixtures" / "efficientsam_ti_random.pt"
 IMAGE = SHARED / "fixtures" / "efficientsam_ti_reference" / "image_640x480.png"
-OUTPUT = {"tag": "BrushLabels", "name": "tag", "to_name": "image", "labels": ["Object"]}
+OUTPUT = OutputSpec(tag="BrushLabels", name="tag", to_name="image", labels=["Object"])
 
 
 def serve_directory(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
@@ -87,16 +96,16 @@ def wait_for_workers(connection, count: int) -> None:
         time.sleep(0.2)
 
 
-def click_request(url: str, x: float, y: float) -> dict:
-    return {
-        "project": "1",
-        "task": 1,
-        "image": url,
-        "size": [640, 480],
-        "prompt": {"points": [[x, y]], "labels": [1], "box": None},
-        "output": OUTPUT,
-        "label": "Object",
-    }
+def click_request(url: str, x: float, y: float) -> SegmentRequest:
+    return SegmentRequest(
+        project="1",
+        task=1,
+        image=url,
+        size=(640, 480),
+        prompt=PromptSpec(points=[(x, y)], labels=[1]),
+        output=OUTPUT,
+        label="Object",
+    )
 
 
 def median_ms(samples: list[float]) -> float:
@@ -121,7 +130,7 @@ def queue_hop(settings, connection, base_url: str, clicks: int) -> dict:
         warm = click_request(url, 100, 100)
         for _ in range(5):  # both sides: image downloaded and encoded, decoder warm
             jobs.segment(warm, runtime=runtime)
-            transport.call("segment", warm, "interactive", 60)
+            transport.call("segment", warm, 60)
         rng = np.random.default_rng(0)
         points = rng.uniform([10, 10], [630, 470], (clicks, 2))
         local, queued, inside = [], [], []
@@ -132,7 +141,7 @@ def queue_hop(settings, connection, base_url: str, clicks: int) -> dict:
             block = [click_request(url, float(x), float(y)) for x, y in points[start : start + 10]]
             for samples, call in (
                 (local, lambda request: jobs.segment(request, runtime=runtime)),
-                (queued, lambda request: transport.call("segment", request, "interactive", 60)),
+                (queued, lambda request: transport.call("segment", request, 60)),
             ):
                 call(block[0])  # the first call after a switch is not counted
                 for request in block[1:]:
@@ -173,20 +182,13 @@ def batch_throughput(settings, connection, base_url: str, images: int, workers: 
         started = time.perf_counter()
         ids = []
         for index in range(images):
-            request = {
-                "project": "1",
-                "task": {
-                    "id": index,
-                    "image": f"{base_url}/image{index}.png",
-                    "boxes": [
-                        {"box": [64, 48, 320, 240], "size": [640, 480], "label": "Object"},
-                        {"box": [300, 200, 600, 460], "size": [640, 480], "label": "Object"},
-                    ],
-                },
-                "mode": "boxes",
-                "output": OUTPUT,
-            }
-            ids.append(transport.submit("autolabel", request, "batch", f"bench-{workers}-{index}"))
+            boxes = [
+                BoxSpec(box=(64, 48, 320, 240), size=(640, 480), label="Object"),
+                BoxSpec(box=(300, 200, 600, 460), size=(640, 480), label="Object"),
+            ]
+            task = TaskSpec(id=index, image=f"{base_url}/image{index}.png", boxes=boxes)
+            request = AutolabelRequest(project="1", task=task, mode="boxes", output=OUTPUT)
+            ids.append(transport.submit("autolabel", request, f"bench-{workers}-{index}"))
         failed = wait_for_jobs(connection, ids, f"{workers} worker(s)")
         seconds = time.perf_counter() - started
         if failed:

@@ -1,29 +1,12 @@
 """Job functions: the model work behind the backend, run by RQ workers or in the server process.
 
-Every function takes one JSON-serialisable ``request`` dict (built by ``backend/service.py``)
-and returns a JSON-serialisable dict (numpy arrays allowed: brush RLE). The model runtime is the
-``runtime`` argument (the embedded backend passes its own) or, in an RQ worker, the one the
-worker process installed for the job (:func:`use_runtime`). Expected failures (an image that
-cannot be had, a bad prompt) come back as ``{"error": message, "status": http status}`` so the
-caller can answer Label Studio with a clear 4xx; anything else raises and fails the job.
-
-Requests:
-
-* ``segment``: ``{"project", "task", "image": url, "size": [w, h], "prompt": {"points":
-  [[x, y], ...], "labels": [1|0, ...], "box": [x0, y0, x1, y1] | null} (pixels of size),
-  "output": {"tag", "name", "to_name", "labels"}, "label", "dropped_items", "model_version"}``
-  -> one LS prediction ``{"result", "score", "model_version", "info"?}`` with the best mask at
-  ``size``.
-* ``autolabel``: ``{"project", "task": {"id", "image", "boxes": [{"box", "size", "label"}]},
-  "mode": "auto"|"boxes"|"everything", "points_per_side", "output", "model_version",
-  "write_back": bool}`` -> the task's prediction (``write_back`` false), or, written to LS
-  through the API (skipped when the task already has one of that version), a summary.
-* ``prewarm``: ``{"project", "task", "image"}`` -> the image's embedding is computed and cached.
-
-``model_version`` (what LS asked for: ``/setup``'s answer) is served exactly, whatever the
-project's current version is by the time the job runs; a version that cannot be served is an
-error with the reason (a failed, retried job for ``autolabel`` written back), never a prediction
-of another version. Without it, the project's current version is served.
+:data:`JOBS` is the only way in: a job name -> its function, request struct (serving/requests.py)
+and queue. A function takes its request (the struct, or the JSON of one from Redis, validated
+here: a malformed one fails the job with InvalidRequest) and returns a JSON-serialisable dict
+(numpy arrays allowed: brush RLE). The runtime is ``runtime=`` (embedded) or the worker's
+(:func:`use_runtime`). Expected failures come back as an ``ErrorResult`` (``{"error", "status"}``:
+Label Studio gets a clear 4xx/5xx); anything else fails the job. A request's ``model_version``
+is served exactly, else it is an error: never a prediction of another version.
 """
 
 from __future__ import annotations
@@ -32,14 +15,29 @@ import contextlib
 import logging
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from serving.labelstudio.context import PromptError
 from serving.labelstudio.images import ImageError
 from serving.labelstudio.label_config import LabelConfigError, OutputControl
 from serving.labelstudio.results import mask_results, resize_mask
+from serving.requests import (
+    AutolabelRequest,
+    BoxSpec,
+    ErrorResult,
+    FinetuneRequest,
+    HousekeepingRequest,
+    HousekeepingResult,
+    PrewarmRequest,
+    PrewarmResult,
+    SegmentRequest,
+    parse_request,
+)
 from serving.runtime import VersionUnavailable
 
 if TYPE_CHECKING:
@@ -74,32 +72,22 @@ def _resolve(runtime: ModelRuntime | None) -> ModelRuntime:
 
 
 def _error(error: Exception) -> dict:
-    return {"error": str(error), "status": getattr(error, "status", 422)}
+    return msgspec.to_builtins(ErrorResult(error=str(error), status=getattr(error, "status", 422)))
 
 
-def _prompt(spec: dict, size: tuple[int, int], image_size: tuple[int, int]):
-    """The request's prompt (pixels of ``size``) in pixels of the downloaded image."""
-    from efficientsam.prompts import Prompt
-
-    sx, sy = image_size[0] / size[0], image_size[1] / size[1]
-    points = [[x * sx, y * sy] for x, y in spec.get("points") or []]
-    box = spec.get("box")
-    if box is not None:
-        box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-    return Prompt.create(points or None, spec.get("labels") or None, box)
-
-
-def segment(request: dict, runtime: ModelRuntime | None = None) -> dict:
-    """One interactive prompt -> the best mask as LS result items (see module docstring)."""
+def segment(payload: SegmentRequest | dict, runtime: ModelRuntime | None = None) -> dict:
+    """One interactive prompt -> one LS prediction ``{"result", "score", "model_version",
+    "timings", "info"?}`` with the best mask at the request's ``size``."""
+    request = parse_request(payload, SegmentRequest)
     runtime = _resolve(runtime)
     started = time.perf_counter()
+    size = request.size
     try:
-        output = OutputControl(**request["output"])
-        label = output.label_for(request.get("label"))
-        size = (int(request["size"][0]), int(request["size"][1]))
-        served = runtime.served_model(request.get("project"), request.get("model_version"))
-        image = runtime.load_image(request["image"], request.get("task"))
-        prompt = _prompt(request["prompt"], size, image.size)
+        output = request.output.control()
+        label = output.label_for(request.label)
+        served = runtime.served_model(request.project, request.model_version)
+        image = runtime.load_image(request.image, request.task)
+        prompt = request.prompt.in_image(size, image.size)
     except EXPECTED_ERRORS as error:
         return _error(error)
     # One ambiguous click: 3 candidates, keep the best; boxes/several clicks: one mask.
@@ -115,7 +103,7 @@ def segment(request: dict, runtime: ModelRuntime | None = None) -> dict:
         },
     }
     entry["timings"]["job"] = time.perf_counter() - started  # all of it, RLE included
-    dropped_items = int(request.get("dropped_items") or 0)
+    dropped_items = request.dropped_items
     if found.dropped_points or dropped_items:
         entry["info"] = (
             f"EfficientSAM takes 6 prompt tokens: dropped {found.dropped_points} older click(s) "
@@ -124,46 +112,51 @@ def segment(request: dict, runtime: ModelRuntime | None = None) -> dict:
     return entry
 
 
-def prewarm(request: dict, runtime: ModelRuntime | None = None) -> dict:
+def prewarm(payload: PrewarmRequest | dict, runtime: ModelRuntime | None = None) -> dict:
     """Compute (or find) the embedding of a task's image, so the first click is fast."""
+    request = parse_request(payload, PrewarmRequest)
     runtime = _resolve(runtime)
     try:
-        served = runtime.served_model(request.get("project"))
-        image = runtime.load_image(request["image"], request.get("task"))
+        served = runtime.served_model(request.project)
+        image = runtime.load_image(request.image, request.task)
     except EXPECTED_ERRORS as error:
         return _error(error)
     embedding = runtime.embed(served, image)
     if not embedding.from_cache:
-        logger.info("prewarmed task %s in %.2f s", request.get("task"), embedding.encoder_seconds)
-    return {
-        "task": request.get("task"),
-        "cached": embedding.from_cache,
-        "encoder_seconds": embedding.encoder_seconds,
-    }
+        logger.info("prewarmed task %s in %.2f s", request.task, embedding.encoder_seconds)
+    result = PrewarmResult(
+        task=request.task, cached=embedding.from_cache, encoder_seconds=embedding.encoder_seconds
+    )
+    return msgspec.to_builtins(result)
 
 
-def autolabel(request: dict, runtime: ModelRuntime | None = None) -> dict:
+def autolabel(payload: AutolabelRequest | dict, runtime: ModelRuntime | None = None) -> dict:
     """A task's prediction without prompts: its rectangles as masks (boxes), or automatic masks
-    (everything); ``auto`` picks boxes when the task has rectangles. See module docstring."""
+    (everything); ``auto`` picks boxes when the task has rectangles. Returns the prediction, or
+    with ``write_back`` a summary of the prediction written to LS (none when the task already
+    has one of that version); a failure then fails the job (TaskFailed: RQ retries it)."""
+    request = parse_request(payload, AutolabelRequest)
     runtime = _resolve(runtime)
-    task = request["task"]
-    task_id = task.get("id")
-    mode = request.get("mode", "auto")
-    write_back = bool(request.get("write_back"))
+    task = request.task
+    task_id = task.id
+    mode = request.mode
+    write_back = request.write_back
     started = time.perf_counter()
     try:
-        output = OutputControl(**request["output"])
-        served = runtime.served_model(request.get("project"), request.get("model_version"))
+        output = request.output.control()
+        served = runtime.served_model(request.project, request.model_version)
         if write_back and runtime.labelstudio.prediction_exists(task_id, served.version):
             return {"task": task_id, "status": "exists", "model_version": served.version}
-        boxes = task.get("boxes") or []
+        boxes = task.boxes
         if not boxes and mode == "boxes":
             return {"task": task_id, "skipped": "no rectangles to turn into masks"}
-        image = runtime.load_image(task["image"], task_id)
+        image = runtime.load_image(task.image, task_id)
         if boxes and mode in ("boxes", "auto"):
             result, scores = _boxes_to_masks(runtime, served, image, boxes, output)
         else:
-            result, scores = _automatic_masks(runtime, served, image, output, request)
+            result, scores = _automatic_masks(
+                runtime, served, image, output, request.points_per_side
+            )
     except EXPECTED_ERRORS as error:
         logger.warning("task %s: no prediction: %s", task_id, error)
         if write_back:  # a queued job: fail it, so RQ retries (bounded) and then reports it
@@ -203,27 +196,23 @@ def autolabel(request: dict, runtime: ModelRuntime | None = None) -> dict:
     }
 
 
-def housekeeping(request: dict, runtime: ModelRuntime | None = None) -> dict:
+def housekeeping(payload: HousekeepingRequest | dict, runtime: ModelRuntime | None = None) -> dict:
     """Periodic upkeep (``python -m worker cron``): forget shared-cache entries that expired and
     re-publish the model registry to Redis if it was lost."""
+    parse_request(payload, HousekeepingRequest)
     runtime = _resolve(runtime)
     shared = getattr(runtime.cache, "shared", None)
     pruned = shared.prune_expired() if shared is not None else 0
     republished = runtime.republish()
-    return {"pruned_cache_entries": pruned, "republished_registry": republished}
+    return msgspec.to_builtins(
+        HousekeepingResult(pruned_cache_entries=pruned, republished_registry=republished)
+    )
 
 
-def _boxes_to_masks(runtime, served, image, boxes: list[dict], output: OutputControl):
+def _boxes_to_masks(runtime, served, image, boxes: list[BoxSpec], output: OutputControl):
     """One mask per rectangle, with the rectangle's label, at the rectangle's image size."""
-    from efficientsam.prompts import Prompt
-
     width, height = image.size
-    prompts = []
-    for item in boxes:
-        box_width, box_height = item["size"]
-        sx, sy = width / box_width, height / box_height
-        x0, y0, x1, y1 = item["box"]
-        prompts.append(Prompt.create(box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy)))
+    prompts = [item.in_image(image.size) for item in boxes]
     # The decoder upscales every prompt's logits to the image at once (5 bytes a pixel):
     # boxes go in chunks of at most BOX_CHUNK_PIXELS mask pixels, each encoded, then dropped.
     chunk = max(1, BOX_CHUNK_PIXELS // (width * height))
@@ -231,18 +220,18 @@ def _boxes_to_masks(runtime, served, image, boxes: list[dict], output: OutputCon
     for start in range(0, len(prompts), chunk):
         found, _, _ = runtime.segment(served, image, prompts[start : start + chunk], False)
         for segmentation, item in zip(found, boxes[start : start + chunk], strict=True):
-            mask = resize_mask(segmentation.mask, tuple(item["size"]))
-            label = output.label_for(item.get("label"))
+            mask = resize_mask(segmentation.mask, item.size)
+            label = output.label_for(item.label)
             result += mask_results(mask, output, label, segmentation.score)
             scores.append(segmentation.score)
     return result, scores
 
 
-def _automatic_masks(runtime, served, image, output: OutputControl, request: dict):
+def _automatic_masks(runtime, served, image, output: OutputControl, points_per_side: int):
     """Segment everything; every mask gets the output control's first label. The masks come as
     COCO RLE and are decoded one at a time, so the peak memory is O(image pixels), not
     O(masks x pixels). They are at the downloaded image's size, which is the size LS shows."""
-    masks = runtime.automatic_masks(served, image, int(request.get("points_per_side") or 0))
+    masks = runtime.automatic_masks(served, image, points_per_side)
     label = output.label_for(None)
     result, scores = [], []
     for mask in masks:
@@ -252,37 +241,51 @@ def _automatic_masks(runtime, served, image, output: OutputControl, request: dic
 
 
 # -- fine-tuning ----------------------------------------------------------------------------------
-def finetune(request: dict, runtime: ModelRuntime | None = None) -> dict:
+def finetune(payload: FinetuneRequest | dict, runtime: ModelRuntime | None = None) -> dict:
     """Fine-tune the project's model on its annotations; promote the candidate only if it beats
     the version served now on held-out tasks by ``TRAIN_PROMOTION_MARGIN``.
 
-    ``{"project", "trigger"}`` -> a summary (``status``: promoted / rejected / skipped). Steps:
-    a full sync of the project's annotations from the LS API (LS is the source of truth), a
-    deterministic train / held-out split by task, embeddings from the frozen encoder (through
-    the shared cache), training (``efficientsam.training``), the same held-out prompts for the
-    served version and the candidate, then promotion (a new version under MODEL_DIR, announced
-    to every worker and to /setup) or rejection with the reason, both recorded in the project's
-    history. Progress goes to the RQ job's meta, the log and the backend's /metrics."""
+    Returns a summary (``status``: promoted / rejected / skipped). Steps: a full sync of the
+    project's annotations from the LS API (LS is the source of truth), a deterministic train /
+    held-out split by task, embeddings from the frozen encoder (through the shared cache),
+    training (``efficientsam.training``), the same held-out prompts for the served version and
+    the candidate, then promotion (a new version under MODEL_DIR, announced to every worker and
+    to /setup) or rejection with the reason, both recorded in the project's history. Progress
+    goes to the RQ job's meta, the log and the backend's /metrics."""
+    request = parse_request(payload, FinetuneRequest)
     runtime = _resolve(runtime)
     from serving.training_run import run_finetune
 
-    return run_finetune(runtime, str(request["project"]), request.get("trigger", "manual"))
+    return run_finetune(runtime, request.project, request.trigger)
 
 
-def schedule_training(request: dict, runtime: ModelRuntime | None = None) -> dict:
-    """Periodic trigger (``python -m worker cron``): queue a fine-tune for every project with at
-    least ``TRAIN_MIN_NEW_ANNOTATIONS`` annotations saved since its last run."""
-    runtime = _resolve(runtime)
-    from serving.requests import submit_finetune
-    from serving.transports import QueueTransport
+# -- the table -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JobSpec:
+    function: Callable[..., dict]  # called with the request's JSON (and runtime= embedded)
+    request: type[msgspec.Struct]
+    queue: str  # interactive (clicks: first), batch, train
 
-    threshold = runtime.settings.train_min_new_annotations
-    transport = QueueTransport(runtime.settings)
-    queued = {}
-    for project in runtime.project_state.projects():
-        count = runtime.project_state.new_annotations(project)
-        if count >= threshold:
-            queued[project] = submit_finetune(transport, project, f"{count} new annotations")
-    if queued:
-        logger.info("queued fine-tunes for projects %s", ", ".join(queued))
-    return {"queued": queued, "threshold": threshold}
+
+JOBS: dict[str, JobSpec] = {
+    "segment": JobSpec(segment, SegmentRequest, "interactive"),
+    "autolabel": JobSpec(autolabel, AutolabelRequest, "batch"),
+    "prewarm": JobSpec(prewarm, PrewarmRequest, "batch"),
+    "finetune": JobSpec(finetune, FinetuneRequest, "train"),
+    "housekeeping": JobSpec(housekeeping, HousekeepingRequest, "batch"),
+}
+
+
+def job_spec(name: str, request: msgspec.Struct) -> JobSpec:
+    """The table's entry for job ``name``, checked against ``request`` (the calling side)."""
+    spec = JOBS.get(name)
+    if spec is None:
+        raise KeyError(f"no job {name!r}; the jobs are {', '.join(JOBS)}")
+    if not isinstance(request, spec.request):
+        raise TypeError(f"job {name!r} takes a {spec.request.__name__}, not {type(request)}")
+    return spec
+
+
+def import_path(function: Callable) -> str:
+    """The name RQ records for a job function (``serving.jobs.segment``)."""
+    return f"{function.__module__}.{function.__qualname__}"

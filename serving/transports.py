@@ -1,7 +1,7 @@
 """How the backend gets model work done: in this process, or by RQ workers through Redis.
 
-Both transports run the same job functions (``serving.jobs``) with the same JSON requests; the
-routes only see :class:`Transport`.
+Both transports run the jobs of ``serving.jobs.JOBS``, by name, on the JSON of the same request
+structs (serving/requests.py); the routes only see :class:`Transport`.
 
 * :class:`EmbeddedTransport` (no ``REDIS_URL``): the model lives in the server process; job
   functions run in the request thread and hand every torch call to one compute thread.
@@ -20,12 +20,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
+import msgspec
+
+from serving.jobs import JobSpec, job_spec
 from serving.projects import RedisProjectState
+from serving.requests import InvalidRequest, Submitter
 from serving.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-JOBS_MODULE = "serving.jobs"
 
 
 class TransportError(Exception):
@@ -36,7 +38,7 @@ class TransportError(Exception):
         self.status = status
 
 
-class Transport(Protocol):
+class Transport(Submitter, Protocol):
     name: str
     project_state: object  # serving.projects.ProjectState: annotation events, training status
 
@@ -57,19 +59,9 @@ class Transport(Protocol):
     def version_errors(self) -> dict[str, dict]:
         """Versions that failed to load lately: version -> ``{"error", "time"}``."""
 
-    def call(self, function: str, request: dict, queue: str, timeout: float) -> dict:
-        """Run ``serving.jobs.<function>(request)`` and wait for its result."""
-
-    def submit(
-        self,
-        function: str,
-        request: dict,
-        queue: str,
-        job_id: str | None = None,
-        at_front: bool = False,
-        description: str | None = None,
-    ) -> str | None:
-        """Start ``serving.jobs.<function>(request)`` without waiting; the job id if queued."""
+    def call(self, job: str, request: msgspec.Struct, timeout: float) -> dict:
+        """Run job ``job`` (a name in ``serving.jobs.JOBS``) on ``request`` and wait for its
+        result (at most ``timeout`` seconds)."""
 
     def project_params(self, project: str | None) -> dict: ...
 
@@ -174,14 +166,14 @@ class EmbeddedTransport:
         if self.runtime.base is None:
             raise TransportError(f"the model failed to load: {self.load_error}", 503)
 
-    def call(self, function: str, request: dict, queue: str, timeout: float) -> dict:
+    def call(self, job: str, request: msgspec.Struct, timeout: float) -> dict:
         """Run the job function here; its model work goes first (``interactive``) or stops at
         a checkpoint once ``timeout`` seconds have passed (other queues: DeadlineExceeded)."""
-        import serving.jobs
         from serving.compute import BACKGROUND, URGENT, work_class
         from serving.labelstudio.images import caller_deadline
 
-        if queue == "interactive":
+        spec = job_spec(job, request)
+        if spec.queue == "interactive":
             self._wait_ready(max(timeout, 60.0))
             token = work_class.set((URGENT, None))
             download_token = None
@@ -190,8 +182,10 @@ class EmbeddedTransport:
             self._wait_ready(timeout)
             token = work_class.set((BACKGROUND, until))
             download_token = caller_deadline.set(until)
-        try:
-            return getattr(serving.jobs, function)(request, runtime=self.runtime)
+        try:  # the request's JSON, as a worker gets it: validated by the job
+            return spec.function(msgspec.to_builtins(request), runtime=self.runtime)
+        except InvalidRequest as error:
+            raise TransportError(f"the job failed: {error}", 500) from error
         finally:
             work_class.reset(token)
             if download_token is not None:
@@ -199,26 +193,25 @@ class EmbeddedTransport:
 
     def submit(
         self,
-        function: str,
-        request: dict,
-        queue: str,
+        job: str,
+        request: msgspec.Struct,
         job_id: str | None = None,
         at_front: bool = False,
         description: str | None = None,
     ) -> str | None:
-        import serving.jobs
-
-        if not self.ready and queue != "train":  # a prewarm before the model is up: pointless
+        spec = job_spec(job, request)
+        if not self.ready and spec.queue != "train":  # a prewarm before the model is up: useless
             return None
-        job_id = job_id or f"{function}-{time.time_ns()}"
+        job_id = job_id or f"{job}-{time.time_ns()}"
+        payload = msgspec.to_builtins(request)
 
         def work() -> None:
             try:
-                getattr(serving.jobs, function)(request, runtime=self.runtime)
+                spec.function(payload, runtime=self.runtime)
             except Exception:  # background work never fails a request; the log has it
-                logger.exception("background %s failed", function)
+                logger.exception("background %s failed", job)
 
-        executor = self._training if queue == "train" else self._background
+        executor = self._training if spec.queue == "train" else self._background
         with self._pending_lock:  # request threads submit at once: one check-and-add at a time
             pending = self._pending.get(job_id)
             if pending is not None and not pending.done():
@@ -358,29 +351,31 @@ class QueueTransport:
         except redis.RedisError as error:
             raise self._unavailable(error) from error
 
-    def call(self, function: str, request: dict, queue: str, timeout: float) -> dict:
+    def call(self, job: str, request: msgspec.Struct, timeout: float) -> dict:
         import redis
         from rq.results import Result
 
+        spec = job_spec(job, request)
+        queue = spec.queue
         wait = max(1, math.ceil(timeout))
         try:
-            job = self.queues[queue].enqueue_call(
-                f"{JOBS_MODULE}.{function}",
-                args=(request,),
-                description=function,  # not the repr of the request: cheaper on every click
+            queued = self.queues[queue].enqueue_call(
+                spec.function,  # rq records its import path; workers run only the table's
+                args=(msgspec.to_builtins(request),),
+                description=job,  # not the repr of the request: cheaper on every click
                 timeout=self._timeouts[queue],
                 ttl=wait,  # not picked up in time: dropped, the caller has given up
                 result_ttl=60,
                 failure_ttl=24 * 3600,
             )
-            result = job.latest_result(timeout=wait)
+            result = queued.latest_result(timeout=wait)
         except redis.RedisError as error:
             raise self._unavailable(error) from error
         except ValueError as error:  # not JSON: never ours (see serving/serialization.py)
             raise TransportError(f"the worker's result is unreadable ({error})", 500) from error
         if result is None:
             with contextlib.suppress(Exception):  # best effort: it may have started meanwhile
-                job.cancel()
+                queued.cancel()
             raise TransportError(
                 f"no worker answered within {wait} s ({self.queues[queue].count} job(s) "
                 f"waiting on '{queue}'); are `python -m worker` processes running?",
@@ -393,9 +388,8 @@ class QueueTransport:
 
     def submit(
         self,
-        function: str,
-        request: dict,
-        queue: str,
+        job: str,
+        request: msgspec.Struct,
         job_id: str | None = None,
         at_front: bool = False,
         description: str | None = None,
@@ -406,9 +400,10 @@ class QueueTransport:
 
         from serving.serialization import JobSerializer
 
+        spec = job_spec(job, request)
         try:
             if job_id is None:
-                return self._enqueue(function, request, queue, job_id, at_front, description)
+                return self._enqueue(spec, request, job_id, at_front, description)
             # The check and the enqueue under one lock per job id: two submits at once (two
             # "Start training" clicks, a click and the cron) never enqueue the job twice.
             with self.connection.lock(
@@ -429,15 +424,14 @@ class QueueTransport:
                     existing.delete()
                 except NoSuchJobError:
                     pass
-                return self._enqueue(function, request, queue, job_id, at_front, description)
+                return self._enqueue(spec, request, job_id, at_front, description)
         except redis.RedisError as error:
             raise self._unavailable(error) from error
 
     def _enqueue(
         self,
-        function: str,
-        request: dict,
-        queue: str,
+        spec: JobSpec,
+        request: msgspec.Struct,
         job_id: str | None,
         at_front: bool,
         description: str | None,
@@ -445,13 +439,13 @@ class QueueTransport:
         from rq import Retry
 
         retries = self.settings.batch_retries
-        job = self.queues[queue].enqueue(
-            f"{JOBS_MODULE}.{function}",
-            request,
+        queued = self.queues[spec.queue].enqueue(
+            spec.function,  # rq records its import path; workers run only the table's
+            msgspec.to_builtins(request),
             job_id=job_id,
             at_front=at_front,
             description=description,
-            job_timeout=self._timeouts[queue],
+            job_timeout=self._timeouts[spec.queue],
             result_ttl=24 * 3600,
             failure_ttl=7 * 24 * 3600,
             retry=(
@@ -460,7 +454,7 @@ class QueueTransport:
                 else None
             ),
         )
-        return job.id
+        return queued.id
 
     def project_params(self, project: str | None) -> dict:
         import json

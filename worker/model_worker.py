@@ -1,10 +1,13 @@
 """The RQ worker class that holds the model: jobs run in this process, never in a fork.
 
 ``ModelWorker`` is RQ's ``SimpleWorker`` (the job runs in the worker's main thread, so the model
-is loaded once per process and CUDA is never forked) with five additions:
+is loaded once per process and CUDA is never forked) with six additions:
 
 * jobs, their meta and results are JSON (:class:`~serving.serialization.JobSerializer`), never
   pickles: a job whose data is not JSON fails without being executed;
+* it runs only the functions of ``serving.jobs.JOBS``: a job naming any other function (RQ
+  would import and call whatever a job in Redis names), or callbacks, or keyword arguments,
+  fails with the reason, nothing named in it imported or run (:func:`refusal`);
 * the process's :class:`~serving.runtime.ModelRuntime` is installed for every job
   (``serving.jobs.use_runtime``), so job functions stay plain importable functions;
 * a heartbeat thread keeps the job's execution alive in RQ's started-job registry with a short
@@ -44,7 +47,7 @@ from rq.utils import now
 from rq.worker.base import WorkerStatus
 from rq.worker_registration import REDIS_WORKER_KEYS
 
-from serving.jobs import use_runtime
+from serving.jobs import JOBS, import_path, use_runtime
 from serving.runtime import ModelRuntime
 from serving.serialization import JobSerializer
 
@@ -52,6 +55,25 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)  # Redis unreachable, not a bad command
+JOB_FUNCTIONS = frozenset(import_path(spec.function) for spec in JOBS.values())
+CALLBACKS = ("success", "failure", "stopped")
+
+
+def refusal(job: Job) -> str | None:
+    """Why ``job`` must not run here, or None. Nothing is imported: a job's function and
+    callbacks are import paths that RQ would import and call."""
+    callbacks = [getattr(job, f"_{kind}_callback_name", None) for kind in CALLBACKS]
+    if any(callbacks):  # this service sets none; RQ would import them even on failure
+        return f"job {job.id} names callbacks {[c for c in callbacks if c]}"
+    try:
+        name, instance, kwargs = job.func_name, job.instance, job.kwargs
+    except Exception:  # data that is not JSON: RQ's own path fails the job, loading nothing
+        return None
+    if name not in JOB_FUNCTIONS:
+        return f"{name!r} is not a job of this service (serving.jobs.JOBS)"
+    if instance is not None or kwargs:
+        return f"{name!r} on an instance or with keyword arguments"
+    return None
 
 
 class Backoff:
@@ -181,6 +203,25 @@ class ModelWorker(SimpleWorker):
                 logger.info("Redis restarted: abandoned jobs are looked for after %d s", grace)
             return
         super().clean_registries()
+
+    def perform_job(self, job: Job, queue: Queue, execution) -> bool:
+        reason = refusal(job)
+        if reason is None:
+            return super().perform_job(job, queue, execution)
+        # Failed as RQ fails a job that raised (recorded, moved to the failed registry), minus
+        # the callbacks and the retries: nothing of it runs, now or later.
+        logger.warning("job %s refused: %s", job.id, reason)
+        self.prepare_job_execution(job, len(self.queues) == 1)
+        job.retries_left = None
+        self.handle_execution_ended(job, queue, 0)
+        self.handle_job_failure(
+            job,
+            queue,
+            queue.started_job_registry,
+            exc_string=f"JobRefused: {reason}; refused without importing or running it",
+            execution=execution,
+        )
+        return False
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         execution = self._until_redis_answers(f"job {job.id}", lambda: self.prepare_execution(job))

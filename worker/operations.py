@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from serving.labelstudio.label_config import parse_label_config
 from serving.labelstudio.tasks import image_url
 from serving.registry import VersionDirectory
-from serving.requests import autolabel_job_id, autolabel_request
+from serving.requests import PrewarmRequest, autolabel_job_id, autolabel_request
 from serving.serialization import JobSerializer
 from serving.settings import Settings
 from serving.transports import QueueTransport
@@ -83,9 +83,11 @@ def enqueue_project(
     job_ids = []
     for task in api.tasks(project):
         if function == "prewarm":
-            request = {"project": project_key, "task": task["id"], "image": image_url(task, config)}
+            request = PrewarmRequest(
+                project=project_key, task=task["id"], image=image_url(task, config)
+            )
             job_ids.append(
-                transport.submit("prewarm", request, "batch", f"prewarm-p{project}-t{task['id']}")
+                transport.submit("prewarm", request, f"prewarm-p{project}-t{task['id']}")
             )
             continue
         predictions = task.get("predictions") or []
@@ -94,13 +96,12 @@ def enqueue_project(
         request = autolabel_request(
             project_key, task, config, mode, points, version, True, settings.max_image_pixels
         )
-        if not request["task"]["boxes"] and mode == "boxes":
+        if not request.task.boxes and mode == "boxes":
             continue
         job_ids.append(
             transport.submit(
                 "autolabel",
                 request,
-                "batch",
                 autolabel_job_id(project_key, task["id"], version),
                 description=f"autolabel task {task['id']} of project {project} ({mode})",
             )

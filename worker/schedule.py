@@ -1,18 +1,23 @@
-"""Periodic jobs, registered with RQ's cron scheduler by ``python -m worker cron``."""
+"""Periodic work of ``python -m worker cron`` (RQ's cron scheduler): the housekeeping job, and
+the training check, which the cron process runs itself (it needs Redis, not a model)."""
 
 from __future__ import annotations
 
 import logging
 
+import msgspec
 from redis import Redis
 from rq import Queue, cron_job_registry
 from rq.cron import CronJob, CronScheduler
 from rq.defaults import DEFAULT_CRON_JOB_HISTORY_LIMIT, DEFAULT_CRON_JOB_HISTORY_TTL
 from rq.job import Job
 
-from serving import jobs
+from serving.jobs import JOBS
+from serving.projects import ProjectState
+from serving.requests import HousekeepingRequest, Submitter, submit_finetune
 from serving.serialization import JobSerializer
 from serving.settings import Settings
+from serving.transports import QueueTransport
 
 logger = logging.getLogger(__name__)
 HOUSEKEEPING_SECONDS = 300
@@ -39,8 +44,20 @@ class JsonCronJob(CronJob):
         return job
 
 
+class InProcessCronJob(CronJob):
+    """A periodic call the cron process makes itself: nothing is queued. A failure is logged
+    and the call made again at the next interval (as a failed job would be)."""
+
+    def enqueue(self, connection: Redis) -> None:
+        try:
+            self.func(*self.args, **self.kwargs)
+        except Exception:
+            logger.exception("%s failed; next try in %s s", self.name, self.interval)
+
+
 class JsonCronScheduler(CronScheduler):
-    """RQ's cron scheduler whose jobs are :class:`JsonCronJob` (never pickled)."""
+    """RQ's cron scheduler whose jobs are :class:`JsonCronJob` (never pickled), plus calls made
+    in this process (:class:`InProcessCronJob`)."""
 
     def __init__(self, connection: Redis, **kwargs) -> None:
         super().__init__(connection, **kwargs)
@@ -51,24 +68,46 @@ class JsonCronScheduler(CronScheduler):
         self._cron_jobs.append(cron_job)
         return cron_job
 
+    def register_in_process(self, func, interval: int, name: str, args: tuple = ()) -> CronJob:
+        """``func(*args)`` every ``interval`` seconds in this process (the first at start)."""
+        cron_job = InProcessCronJob("", func, args=args, interval=interval, name=name)
+        self._cron_jobs.append(cron_job)
+        return cron_job
 
-def register_periodic_jobs(scheduler: CronScheduler, settings: Settings) -> None:
-    """``housekeeping`` every 5 minutes on ``batch``: shared-cache index pruning and a re-publish
-    of the model registry if Redis lost it. ``schedule_training`` every ``TRAIN_CHECK_SECONDS``
-    on ``train``: a fine-tune for each project with enough new annotations."""
+
+def queue_due_finetunes(
+    project_state: ProjectState, submitter: Submitter, threshold: int
+) -> dict[str, str | None]:
+    """Queue a fine-tune for every project with at least ``threshold`` annotations saved since
+    its last run (one already queued or running is not queued again); project -> job id."""
+    queued = {}
+    for project in project_state.projects():
+        count = project_state.new_annotations(project)
+        if count >= threshold:
+            queued[project] = submit_finetune(submitter, project, f"{count} new annotations")
+    if queued:
+        logger.info("queued fine-tunes for projects %s", ", ".join(queued))
+    return queued
+
+
+def register_periodic_jobs(scheduler: JsonCronScheduler, settings: Settings) -> None:
+    """``housekeeping`` every 5 minutes (a job on its queue, ``batch``): shared-cache index
+    pruning and a re-publish of the model registry if Redis lost it. The training check every
+    ``TRAIN_CHECK_SECONDS``, in this process: a fine-tune on ``train`` for each project with
+    ``TRAIN_MIN_NEW_ANNOTATIONS`` new annotations."""
+    housekeeping = JOBS["housekeeping"]
     scheduler.register(
-        jobs.housekeeping,
-        queue_name="batch",
-        args=({},),
+        housekeeping.function,
+        queue_name=housekeeping.queue,
+        args=(msgspec.to_builtins(HousekeepingRequest()),),
         interval=HOUSEKEEPING_SECONDS,
         job_timeout=120,
         name="housekeeping",
     )
-    scheduler.register(
-        jobs.schedule_training,
-        queue_name="train",
-        args=({},),
-        interval=settings.train_check_seconds,
-        job_timeout=60,
-        name="schedule-training",
+    transport = QueueTransport(settings)
+    scheduler.register_in_process(
+        queue_due_finetunes,
+        settings.train_check_seconds,
+        "schedule-training",
+        (transport.project_state, transport, settings.train_min_new_annotations),
     )

@@ -59,17 +59,6 @@ class InteractivePrompt:
     to_name: str | None
     dropped_items: int  # rectangles that did not fit (one box per prompt)
 
-    def scaled_to(self, width: int, height: int) -> Prompt:
-        """The prompt in pixels of a (width, height) image (e.g. the downloaded file)."""
-        if (width, height) == self.size:
-            return self.prompt
-        scale = np.array([width / self.size[0], height / self.size[1]], np.float32)
-        box = None
-        if self.prompt.box is not None:
-            x0, y0, x1, y1 = self.prompt.box
-            box = (x0 * scale[0], y0 * scale[1], x1 * scale[0], y1 * scale[1])
-        return Prompt(self.prompt.points * scale, self.prompt.labels, box)
-
 
 def _number(value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):

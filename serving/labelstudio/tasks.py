@@ -49,9 +49,6 @@ class BoxItem:
     size: tuple[int, int]  # (width, height) the box's percentages refer to
     label: str | None
 
-    def as_request(self) -> dict:
-        return {"box": list(self.box), "size": list(self.size), "label": self.label}
-
 
 def task_rectangles(
     task: dict, image_name: str, max_pixels: int = MAX_IMAGE_PIXELS

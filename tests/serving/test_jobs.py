@@ -7,21 +7,34 @@ import json
 import subprocess
 import sys
 
+import msgspec
 import numpy as np
 import pytest
 import torch
+from msgspec.structs import replace
 from safetensors.torch import save_file
 
 from serving import jobs
 from serving.registry import fine_tune_version
+from serving.requests import (
+    AutolabelRequest,
+    BoxSpec,
+    InvalidRequest,
+    OutputSpec,
+    PrewarmRequest,
+    PromptSpec,
+    SegmentRequest,
+    TaskSpec,
+)
 from serving.runtime import ModelRuntime, derived_model
+from serving.serialization import JobSerializer
 from serving.settings import Settings
 from tests.conftest import TI_CHECKPOINT
 from tests.http_fixtures import LEGACY_TOKEN, decode_brush
 from tests.redis_fixtures import IMAGE
 from tests.worker.autolabel_memory_probe import disc_decoder
 
-OUTPUT = {"tag": "BrushLabels", "name": "tag", "to_name": "image", "labels": ["Object", "Car"]}
+OUTPUT = OutputSpec(tag="BrushLabels", name="tag", to_name="image", labels=["Object", "Car"])
 
 
 @pytest.fixture(scope="module")
@@ -40,28 +53,30 @@ def runtime(server, tmp_path_factory):
     runtime.close()
 
 
-def click(x: float, y: float, **extra) -> dict:
-    return {
-        "project": "1",
-        "task": 1,
-        "image": IMAGE,
-        "size": [640, 480],
-        "prompt": {"points": [[x, y]], "labels": [1], "box": None},
-        "output": OUTPUT,
-        "label": "Car",
-        **extra,
-    }
+def click(x: float, y: float, **extra) -> SegmentRequest:
+    return SegmentRequest(
+        **{
+            "project": "1",
+            "task": 1,
+            "image": IMAGE,
+            "size": (640, 480),
+            "prompt": PromptSpec(points=[(x, y)], labels=[1]),
+            "output": OUTPUT,
+            "label": "Car",
+            **extra,
+        }
+    )
 
 
 def test_segment_returns_the_best_mask_at_the_browser_size(runtime):
-    entry = jobs.segment(click(320, 240, size=[1280, 960]), runtime=runtime)
+    entry = jobs.segment(click(320, 240, size=(1280, 960)), runtime=runtime)
     (item,) = entry["result"]
     assert item["value"]["brushlabels"] == ["Car"] and item["type"] == "brushlabels"
     assert decode_brush(item).shape == (960, 1280)
     assert entry["model_version"] == runtime.base_version and 0 < entry["score"] < 2
     assert set(entry["timings"]) == {"encoder", "decoder", "job"}
     assert entry["timings"]["job"] > entry["timings"]["decoder"] > 0
-    again = jobs.segment(click(320, 240, size=[1280, 960]), runtime=runtime)
+    again = jobs.segment(click(320, 240, size=(1280, 960)), runtime=runtime)
     assert again["timings"]["encoder"] == 0.0  # the second click only decodes
     np.testing.assert_array_equal(decode_brush(again["result"][0]), decode_brush(item))
 
@@ -69,10 +84,24 @@ def test_segment_returns_the_best_mask_at_the_browser_size(runtime):
 def test_segment_errors_are_returned_with_a_status(runtime):
     missing = jobs.segment(click(5, 5, image="/data/upload/1/missing.png"), runtime=runtime)
     assert missing["status"] == 404 and "404" in missing["error"]
-    no_label = jobs.segment(
-        click(5, 5, output={**OUTPUT, "labels": []}, label=None), runtime=runtime
-    )
+    no_label = jobs.segment(click(5, 5, output=replace(OUTPUT, labels=[]), label=None), runtime)
     assert no_label["status"] == 422 and "Label" in no_label["error"]
+
+
+def test_a_request_from_redis_is_validated_by_the_job(runtime):
+    """The JSON that travels through Redis gives the job the struct it was built from; JSON that
+    is not one fails the job with what is wrong, and where."""
+    request = click(320, 240)
+    wire = JobSerializer.loads(JobSerializer.dumps(msgspec.to_builtins(request)))
+    from_json, from_struct = jobs.segment(wire, runtime), jobs.segment(request, runtime)
+    assert from_json["model_version"] == from_struct["model_version"]
+    np.testing.assert_array_equal(
+        decode_brush(from_json["result"][0]), decode_brush(from_struct["result"][0])
+    )
+    with pytest.raises(InvalidRequest, match=r"SegmentRequest: .* - at `\$\.size\[1\]`"):
+        jobs.segment({**wire, "size": [640, "480"]}, runtime)
+    with pytest.raises(InvalidRequest, match="AutolabelRequest: .*field `task`"):
+        jobs.autolabel({"output": wire["output"]}, runtime)
 
 
 def test_without_a_runtime_jobs_say_so():
@@ -81,26 +110,24 @@ def test_without_a_runtime_jobs_say_so():
 
 
 def test_autolabel_boxes_and_automatic(runtime):
-    task = {
-        "id": 1,
-        "image": IMAGE,
-        "boxes": [
-            {"box": [64, 48, 320, 240], "size": [640, 480], "label": "Car"},
-            {"box": [10, 10, 100, 50], "size": [1280, 960], "label": "Unknown"},
+    task = TaskSpec(
+        id=1,
+        image=IMAGE,
+        boxes=[
+            BoxSpec(box=(64, 48, 320, 240), size=(640, 480), label="Car"),
+            BoxSpec(box=(10, 10, 100, 50), size=(1280, 960), label="Unknown"),
         ],
-    }
-    request = {"project": "1", "task": task, "mode": "auto", "output": OUTPUT}
+    )
+    request = AutolabelRequest(project="1", task=task, mode="auto", output=OUTPUT)
     entry = jobs.autolabel(request, runtime=runtime)
     assert [r["value"]["brushlabels"] for r in entry["result"]] == [["Car"], ["Object"]]
     assert [decode_brush(r).shape for r in entry["result"]] == [(480, 640), (960, 1280)]
     assert entry["score"] == pytest.approx(np.mean([r["score"] for r in entry["result"]]), abs=1e-5)
-    boxes_only = jobs.autolabel(
-        {**request, "task": {**task, "boxes": []}, "mode": "boxes"}, runtime=runtime
-    )
+    no_boxes = replace(task, boxes=[])
+    boxes_only = jobs.autolabel(replace(request, task=no_boxes, mode="boxes"), runtime=runtime)
     assert "no rectangles" in boxes_only["skipped"]
     everything = jobs.autolabel(
-        {**request, "task": {**task, "boxes": []}, "mode": "everything", "points_per_side": 4},
-        runtime=runtime,
+        replace(request, task=no_boxes, mode="everything", points_per_side=4), runtime=runtime
     )
     assert all(r["value"]["brushlabels"] == ["Object"] for r in everything["result"])
     assert all(decode_brush(r).shape == (480, 640) for r in everything["result"])
@@ -110,19 +137,15 @@ def test_autolabel_everything_grid_by_device(runtime, monkeypatch):
     # points_per_side 0 (AUTOLABEL_POINTS_PER_SIDE's default): 16x16 on a CPU. A decoder that
     # gives one confident disc per point (random weights pass no threshold) counts the points.
     monkeypatch.setattr(runtime.base.predictor.model, "predict_masks", disc_decoder)
-    request = {
-        "project": "1",
-        "task": {"id": 1, "image": IMAGE, "boxes": []},
-        "mode": "everything",
-        "points_per_side": 0,
-        "output": OUTPUT,
-    }
+    request = AutolabelRequest(
+        project="1", task=TaskSpec(id=1, image=IMAGE), mode="everything", output=OUTPUT
+    )
     steps = []  # the embedded backend's checkpoints (serving/compute.py) between the steps
     monkeypatch.setattr(runtime, "between_steps", lambda: steps.append(1))
     entry = jobs.autolabel(request, runtime=runtime)
     assert "error" not in entry and len(entry["result"]) == 16 * 16
     assert len(steps) >= 16 * 16  # at least once per kept mask's clean-up
-    assert len(jobs.autolabel({**request, "points_per_side": 3}, runtime=runtime)["result"]) == 9
+    assert len(jobs.autolabel(replace(request, points_per_side=3), runtime)["result"]) == 9
 
 
 @pytest.mark.slow
@@ -145,12 +168,8 @@ def test_autolabel_everything_on_a_12_mp_image_has_a_bounded_peak_memory():
 
 
 def test_autolabel_failures(runtime):
-    request = {
-        "project": "1",
-        "task": {"id": 9, "image": "/data/upload/1/missing.png", "boxes": []},
-        "mode": "everything",
-        "output": OUTPUT,
-    }
+    task = TaskSpec(id=9, image="/data/upload/1/missing.png")
+    request = AutolabelRequest(project="1", task=task, mode="everything", output=OUTPUT)
     assert jobs.autolabel(request, runtime=runtime)["status"] == 404
 
 
@@ -159,7 +178,7 @@ def test_prewarm_fills_the_cache(runtime, server):
 
     image = np.asarray(np.random.default_rng(3).integers(0, 255, (120, 160, 3)), np.uint8)
     server.files["/data/upload/1/noise.png"] = png_bytes(image)
-    request = {"project": "1", "task": 5, "image": "/data/upload/1/noise.png"}
+    request = PrewarmRequest(project="1", task=5, image="/data/upload/1/noise.png")
     first = jobs.prewarm(request, runtime=runtime)
     assert first["cached"] is False and first["encoder_seconds"] > 0
     assert jobs.prewarm(request, runtime=runtime)["cached"] is True
@@ -226,9 +245,9 @@ def test_a_job_serves_exactly_the_version_it_asks_for(runtime):
     for version in (base, first):
         answer = jobs.segment(click(300, 200, project="11", model_version=version), runtime=runtime)
         assert answer["model_version"] == version
-    task = {"id": 3, "image": IMAGE, "boxes": [{"box": [64, 48, 320, 240], "size": [640, 480]}]}
-    request = {"project": "11", "task": task, "mode": "boxes", "output": OUTPUT}
-    entry = jobs.autolabel({**request, "model_version": first}, runtime=runtime)
+    task = TaskSpec(id=3, image=IMAGE, boxes=[BoxSpec(box=(64, 48, 320, 240), size=(640, 480))])
+    request = AutolabelRequest(project="11", task=task, mode="boxes", output=OUTPUT)
+    entry = jobs.autolabel(replace(request, model_version=first), runtime=runtime)
     assert entry["model_version"] == first and entry["result"]
     assert jobs.autolabel(request, runtime=runtime)["model_version"] == second
 
@@ -249,10 +268,10 @@ def test_a_version_that_cannot_be_served_is_an_error_never_another_version(runti
     answer = jobs.segment(click(5, 5, project="12"), runtime=runtime)
     assert answer["status"] == 503 and "no_such" in answer["error"]
     assert "no_such" in registry.version_errors()[broken]["error"]
-    task = {"id": 4, "image": IMAGE, "boxes": [{"box": [64, 48, 320, 240], "size": [640, 480]}]}
-    request = {"project": "12", "task": task, "mode": "boxes", "output": OUTPUT}
+    task = TaskSpec(id=4, image=IMAGE, boxes=[BoxSpec(box=(64, 48, 320, 240), size=(640, 480))])
+    request = AutolabelRequest(project="12", task=task, mode="boxes", output=OUTPUT)
     assert jobs.autolabel(request, runtime=runtime)["status"] == 503
     with pytest.raises(jobs.TaskFailed, match="cannot be loaded"):  # RQ retries, then reports
-        jobs.autolabel({**request, "model_version": broken, "write_back": True}, runtime=runtime)
+        jobs.autolabel(replace(request, model_version=broken, write_back=True), runtime=runtime)
     registry.promote("12", other)
     assert jobs.segment(click(5, 5, project="12"), runtime=runtime)["model_version"] == other

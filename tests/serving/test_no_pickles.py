@@ -21,10 +21,19 @@ from rq.serializers import DefaultSerializer
 
 from efficientsam.cache import EmbeddingKey
 from serving.cache_redis import RedisEmbeddingCache, encode_embedding
+from serving.requests import FinetuneRequest, OutputSpec, PromptSpec, SegmentRequest
 from serving.serialization import JobSerializer
 from serving.settings import Settings
 from serving.transports import QueueTransport, TransportError
 from tests.redis_fixtures import wait_until
+
+CLICK = SegmentRequest(
+    task=1,
+    image="/data/upload/1/image.png",
+    size=(640, 480),
+    prompt=PromptSpec(points=[(5.0, 5.0)], labels=[1]),
+    output=OutputSpec(tag="BrushLabels", name="tag", to_name="image", labels=["Object"]),
+)
 
 
 class Planted:
@@ -104,7 +113,7 @@ def test_the_backend_never_unpickles_a_planted_meta_or_result(
     Queue("train", connection=redis_connection, serializer=DefaultSerializer).enqueue(
         "serving.jobs.finetune", {"project": "1"}, job_id="planted", meta={"x": Planted(marker)}
     )
-    assert transport.submit("finetune", {"project": "1"}, "train", "planted") == "planted"
+    assert transport.submit("finetune", FinetuneRequest(project="1"), "planted") == "planted"
     assert not marker.exists(), "the backend unpickled a job's meta"
 
     def fake_worker() -> None:  # answers the click with a pickled result
@@ -120,7 +129,7 @@ def test_the_backend_never_unpickles_a_planted_meta_or_result(
     answering = threading.Thread(target=fake_worker)
     answering.start()
     with pytest.raises(TransportError, match="unreadable") as refused:
-        transport.call("segment", {"task": 1}, "interactive", 10)
+        transport.call("segment", CLICK, 10)
     answering.join()
     assert refused.value.status == 500
     assert not marker.exists(), "the backend unpickled a result"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from serving.serialization import JobSerializer
 from serving.training_run import held_out_score, promotion_decision
 
 
@@ -49,42 +48,3 @@ def test_the_gate_with_real_evaluations_rejects_an_unchanged_model(ti_model):
     scores = evaluate(ti_model, images)
     assert evaluate(ti_model, images) == scores  # same prompts, same numbers
     assert promotion_decision(scores, scores, margin=0.01)[0] is False
-
-
-def test_periodic_trigger_queues_one_finetune_per_project_over_the_threshold(
-    redis_connection, redis_url, tmp_path
-):
-    """``schedule_training`` (the cron job) against the real Redis: a project with enough new
-    annotations gets one fine-tune on ``train``, one below the threshold none, and a second
-    check while the first is queued adds nothing."""
-    from rq import Queue
-
-    from serving import jobs
-    from serving.labelstudio.tasks import annotation_events
-    from serving.runtime import ModelRuntime
-    from serving.settings import Settings
-    from tests.conftest import TI_CHECKPOINT
-
-    settings = Settings.from_env(
-        {"REDIS_URL": redis_url, "TRAIN_MIN_NEW_ANNOTATIONS": "3"},
-        checkpoint=TI_CHECKPOINT,
-        model_dir=tmp_path,
-    )
-    runtime = ModelRuntime(settings, redis=redis_connection)  # the model is not needed
-    for project, count in (("3", 3), ("4", 2)):
-        for annotation_id in range(count):
-            event = {
-                "action": "ANNOTATION_CREATED",
-                "annotation": {"id": int(project) * 100 + annotation_id, "task": 1},
-            }
-            runtime.project_state.record(project, *annotation_events(event))
-
-    first = jobs.schedule_training({}, runtime=runtime)
-    assert first == {"queued": {"3": "finetune-p3"}, "threshold": 3}
-    again = jobs.schedule_training({}, runtime=runtime)
-    assert again["queued"] == {"3": "finetune-p3"}
-    queue = Queue("train", connection=redis_connection, serializer=JobSerializer)
-    assert queue.job_ids == ["finetune-p3"]
-    job = queue.fetch_job("finetune-p3")
-    assert job.func_name == "serving.jobs.finetune"
-    assert job.args[0] == {"project": "3", "trigger": "3 new annotations"}

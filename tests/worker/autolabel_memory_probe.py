@@ -25,13 +25,14 @@ from efficientsam.benchmark import (
     synthetic_image,
 )
 from serving import jobs
+from serving.requests import AutolabelRequest, OutputSpec, PrewarmRequest, TaskSpec
 from serving.runtime import ModelRuntime
 from serving.settings import Settings
 from tests.conftest import TI_CHECKPOINT
 from tests.http_fixtures import LEGACY_TOKEN, FileServer, png_bytes
 
 IMAGE = "/data/upload/1/large.png"
-OUTPUT = {"tag": "BrushLabels", "name": "tag", "to_name": "image", "labels": ["Object"]}
+OUTPUT = OutputSpec(tag="BrushLabels", name="tag", to_name="image", labels=["Object"])
 
 
 def disc_decoder(prepared, points, labels, multimask_output, input_h, input_w, *args):
@@ -67,14 +68,14 @@ def main(height: int, width: int, points_per_side: int) -> dict:
             runtime = ModelRuntime(settings)
             runtime.load()
             runtime.base.predictor.model.predict_masks = disc_decoder
-            jobs.prewarm({"project": "1", "task": 1, "image": IMAGE}, runtime=runtime)
-            request = {
-                "project": "1",
-                "task": {"id": 1, "image": IMAGE, "boxes": []},
-                "mode": "everything",
-                "points_per_side": points_per_side,
-                "output": OUTPUT,
-            }
+            jobs.prewarm(PrewarmRequest(project="1", task=1, image=IMAGE), runtime=runtime)
+            request = AutolabelRequest(
+                project="1",
+                task=TaskSpec(id=1, image=IMAGE),
+                mode="everything",
+                points_per_side=points_per_side,
+                output=OUTPUT,
+            )
             reset = reset_peak_rss()
             before = current_rss_bytes()
             entry = jobs.autolabel(request, runtime=runtime)

@@ -13,6 +13,7 @@ from rq.job import Job, JobStatus
 from starlette.testclient import TestClient
 
 from backend.app import create_app
+from serving.requests import AutolabelRequest, OutputSpec, TaskSpec
 from serving.serialization import JobSerializer
 from serving.settings import Settings
 from serving.transports import QueueTransport
@@ -121,14 +122,14 @@ def test_a_job_of_a_killed_worker_is_retried_by_another(
     )
     transport = QueueTransport(settings)
     wait_until(lambda: transport.directory.base(), 90, "the first worker's model")
-    request = {
-        "project": "1",
-        "task": {"id": 1, "image": IMAGE, "boxes": []},
-        "mode": "everything",
-        "points_per_side": 8,  # ~2 s on one CPU thread: killed mid-way
-        "output": {"tag": "BrushLabels", "name": "tag", "to_name": "image", "labels": ["Object"]},
-    }
-    job_id = transport.submit("autolabel", request, "batch", "autolabel-kill-test")
+    request = AutolabelRequest(
+        project="1",
+        task=TaskSpec(id=1, image=IMAGE),
+        mode="everything",
+        points_per_side=8,  # ~2 s on one CPU thread: killed mid-way
+        output=OutputSpec(tag="BrushLabels", name="tag", to_name="image", labels=["Object"]),
+    )
+    job_id = transport.submit("autolabel", request, "autolabel-kill-test")
     job = Job.fetch(job_id, connection=redis_connection, serializer=JobSerializer)
     wait_until(lambda: job.get_status() == JobStatus.STARTED, 60, "the job started", 0.02)
     os.kill(first.pid, signal.SIGKILL)

@@ -16,7 +16,7 @@ import redis
 from rq.job import Job, JobStatus
 from rq.scheduler import SCHEDULER_KEY_TEMPLATE, RQScheduler
 
-from serving.requests import autolabel_job_id
+from serving.requests import AutolabelRequest, BoxSpec, OutputSpec, TaskSpec, autolabel_job_id
 from serving.serialization import JobSerializer
 from serving.settings import Settings
 from serving.transports import QueueTransport
@@ -35,21 +35,21 @@ pytestmark = pytest.mark.slow
 
 TASKS = 8
 OUTAGE_SECONDS = 3.0
-OUTPUT = {"tag": "BrushLabels", "name": "tag", "to_name": "image", "labels": ["Object"]}
+OUTPUT = OutputSpec(tag="BrushLabels", name="tag", to_name="image", labels=["Object"])
 
 
-def autolabel_request(task_id: int, version: str) -> dict:
+def autolabel_request(task_id: int, version: str) -> AutolabelRequest:
     """What "Retrieve predictions" queues for a task with one rectangle (backend/service.py)."""
-    box = {"box": [40 + task_id, 40, 300, 260], "size": [640, 480], "label": "Object"}
-    return {
-        "project": "1",
-        "task": {"id": task_id, "image": IMAGE, "boxes": [box]},
-        "mode": "boxes",
-        "points_per_side": 8,
-        "output": OUTPUT,
-        "model_version": version,
-        "write_back": True,
-    }
+    box = BoxSpec(box=(40 + task_id, 40, 300, 260), size=(640, 480), label="Object")
+    return AutolabelRequest(
+        project="1",
+        task=TaskSpec(id=task_id, image=IMAGE, boxes=[box]),
+        mode="boxes",
+        points_per_side=8,
+        output=OUTPUT,
+        model_version=version,
+        write_back=True,
+    )
 
 
 class PrivateRedis:
@@ -106,7 +106,6 @@ def test_workers_ride_out_a_redis_outage_mid_job(tmp_path):
                 transport.submit(
                     "autolabel",
                     autolabel_request(t, base["version"]),
-                    "batch",
                     autolabel_job_id("1", t, base["version"]),
                 )
                 for t in tasks

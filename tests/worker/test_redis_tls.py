@@ -11,6 +11,7 @@ import subprocess
 import pytest
 import redis
 
+from serving.requests import HousekeepingRequest
 from serving.settings import Settings
 from serving.transports import QueueTransport
 from tests.conftest import self_signed_certificate
@@ -59,7 +60,7 @@ def test_workers_and_backend_over_tls_with_a_password(tls_redis, tmp_path):
     try:
         worker = processes.start("--queues", "batch")
         transport = QueueTransport(Settings.from_env({}, redis_url=tls_redis))
-        result = transport.call("housekeeping", {}, "batch", 120)
+        result = transport.call("housekeeping", HousekeepingRequest(), 120)
         assert set(result) == {"pruned_cache_entries", "republished_registry"}
 
         def scheduler_pids() -> set[int]:  # RQ's scheduler, forked by the worker, registered

@@ -1,0 +1,53 @@
+"""The periodic training check of ``python -m worker cron``, against the real Redis."""
+
+from __future__ import annotations
+
+from rq import Queue
+
+from serving.labelstudio.tasks import annotation_events
+from serving.projects import RedisProjectState
+from serving.serialization import JobSerializer
+from serving.settings import Settings
+from serving.transports import QueueTransport
+from tests.redis_fixtures import wait_until
+from worker.schedule import queue_due_finetunes
+
+
+def record(state: RedisProjectState, counts: dict[str, int]) -> None:
+    """``count`` annotations saved in each project, as LS's webhooks report them."""
+    for project, count in counts.items():
+        for annotation_id in range(count):
+            event = {
+                "action": "ANNOTATION_CREATED",
+                "annotation": {"id": int(project) * 100 + annotation_id, "task": 1},
+            }
+            state.record(project, *annotation_events(event))
+
+
+def test_the_check_queues_one_finetune_per_project_over_the_threshold(redis_connection, redis_url):
+    """A project with enough new annotations gets one fine-tune on ``train``, one below the
+    threshold none, and a second check while the first is queued adds nothing."""
+    transport = QueueTransport(Settings.from_env({}, redis_url=redis_url))
+    record(transport.project_state, {"3": 3, "4": 2})
+    assert queue_due_finetunes(transport.project_state, transport, 3) == {"3": "finetune-p3"}
+    assert queue_due_finetunes(transport.project_state, transport, 3) == {"3": "finetune-p3"}
+    queue = Queue("train", connection=redis_connection, serializer=JobSerializer)
+    assert queue.job_ids == ["finetune-p3"]
+    job = queue.fetch_job("finetune-p3")
+    assert job.func_name == "serving.jobs.finetune"
+    assert job.args[0] == {"project": "3", "trigger": "3 new annotations"}
+    transport.close()
+
+
+def test_the_cron_process_runs_the_check_itself(workers, redis_connection, redis_url):
+    """``python -m worker cron`` (no model, no worker) queues the fine-tune at its start, and
+    housekeeping as a job on ``batch``; nothing else is queued for the check."""
+    record(RedisProjectState(redis_connection), {"5": 2})
+    cron = workers.start("cron", env={"TRAIN_MIN_NEW_ANNOTATIONS": "2"}, name="cron")
+    train = Queue("train", connection=redis_connection, serializer=JobSerializer)
+    batch = Queue("batch", connection=redis_connection, serializer=JobSerializer)
+    wait_until(lambda: train.job_ids and batch.job_ids, 60, "the cron's first round")
+    assert train.job_ids == ["finetune-p5"]
+    assert train.fetch_job("finetune-p5").args[0]["trigger"] == "2 new annotations"
+    assert [job.func_name for job in batch.jobs] == ["serving.jobs.housekeeping"]
+    assert cron.poll() is None, workers.log(cron)
