@@ -136,7 +136,8 @@ def write_overlay(
 def run_predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from .build import CheckpointError, load_model
+    from .build import load_model
+    from .checkpoint import CheckpointError
     from .predictor import Predictor
     from .utils import keep_freed_memory_for_reuse
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .build import tensors_fingerprint
 from .cache import EmbeddingCache, EmbeddingKey, InMemoryEmbeddingCache
+from .checkpoint import tensors_fingerprint
 from .modeling import EfficientSam
 from .modeling.two_way_transformer import PreparedImage
 from .prompts import Prompt, fit_prompt, prompt_token_arrays

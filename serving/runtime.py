@@ -88,7 +88,8 @@ def find_checkpoint(settings: Settings) -> Path:
 
 def checkpoint_version(path: Path) -> str:
     """Deterministic version: variant + fingerprint of all weights, e.g. efficientsam-ti-1a2b3c4d."""
-    from efficientsam.build import infer_variant, load_state_dict_file, tensors_fingerprint
+    from efficientsam.build import infer_variant
+    from efficientsam.checkpoint import load_state_dict_file, tensors_fingerprint
 
     state = load_state_dict_file(path)
     return f"efficientsam-{infer_variant(state).name}-{tensors_fingerprint(state)[:8]}"
