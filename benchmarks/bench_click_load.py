@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     train_info: dict = {}
 
     def run_training() -> None:
+        from benchmarks.synthetic import make_dataset
         from efficientsam.training import FineTuner, TrainingConfig, TrainingImage
-        from efficientsam.training.synthetic import make_dataset
 
         predictor = transport.runtime.base.predictor
         samples = make_dataset(4, seed=3)

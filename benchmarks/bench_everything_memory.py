@@ -3,7 +3,7 @@
     python benchmarks/bench_everything_memory.py [--points-per-side 16] [--threads 2]
         [--json benchmarks/results/everything-memory-cpu-2core.json]
 
-Each output mode runs in a fresh process (``python -m efficientsam.benchmark everything``): the
+Each output mode runs in a fresh process (``python benchmarks/efficientsam_bench.py everything``): the
 random-weight Ti model embeds a synthetic 4000x3000 image, the peak RSS is reset, then
 ``AutomaticMaskGenerator.run`` keeps every candidate (random weights pass no real threshold, so
 IoU/stability filters and NMS are off: the worst case, points_per_side**2 masks at 12 MP).
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_workers import CHECKPOINT  # noqa: E402 (the shared fixture's path)
 
-from efficientsam.benchmark import machine_description, run_everything_probe  # noqa: E402
+from benchmarks.efficientsam_bench import machine_description, run_everything_probe  # noqa: E402
 
 MODES = ("binary_mask", "coco_rle")
 MIB = 1024**2

@@ -1,6 +1,6 @@
 """Fine-tuning benchmark: does EfficientSAM learn a project's masks, and at what cost?
 
-A seeded synthetic domain (``efficientsam.training.synthetic``): each image holds exactly one
+A seeded synthetic domain (``benchmarks/synthetic.py``): each image holds exactly one
 object of the project's "class" (a red-magenta blob of random shape, size and position) on
 textured clutter, so the target is well posed even for the random-weight fixture's encoder.
 N train / M held-out images (different seeds). Reports held-out 1-click, box and 3-click mIoU
@@ -39,9 +39,10 @@ sys.path.insert(0, str(ROOT))
 SHARED = Path(os.environ.get("EFFICIENTSAM_SHARED_DIR", ROOT.parent / "shared"))
 CHECKPOINT = SHARED / "fixtures" / "efficientsam_ti_random.pt"
 
+from benchmarks.efficientsam_bench import peak_rss_bytes  # noqa: E402
+from benchmarks.synthetic import make_dataset  # noqa: E402
 from efficientsam import load_model  # noqa: E402
 from efficientsam.arrays import mask_iou  # noqa: E402
-from efficientsam.benchmark import peak_rss_bytes  # noqa: E402
 from efficientsam.training import (  # noqa: E402
     FineTuner,
     TrainingConfig,
@@ -50,7 +51,6 @@ from efficientsam.training import (  # noqa: E402
     embed_image,
     evaluate,
 )
-from efficientsam.training.synthetic import make_dataset  # noqa: E402
 from efficientsam.utils import keep_freed_memory_for_reuse  # noqa: E402
 
 METRICS = ("one_click_miou", "box_miou", "three_click_miou")

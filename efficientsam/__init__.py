@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "VARIANTS": "build",
-    "CheckpointError": "build",
+    "CheckpointError": "checkpoint",
     "build_efficient_sam": "build",
     "build_efficient_sam_s": "build",
     "build_efficient_sam_ti": "build",
     "load_model": "build",
-    "save_checkpoint": "build",
+    "save_checkpoint": "checkpoint",
     "EfficientSam": "modeling",
 }
 
@@ -34,13 +34,12 @@ __all__ = [
 if TYPE_CHECKING:
     from .build import (
         VARIANTS,
-        CheckpointError,
         build_efficient_sam,
         build_efficient_sam_s,
         build_efficient_sam_ti,
         load_model,
-        save_checkpoint,
     )
+    from .checkpoint import CheckpointError, save_checkpoint
     from .modeling import EfficientSam
 
 

@@ -1,23 +1,5 @@
-"""Automatic "segment everything" mask generation: a grid of single-point prompts -> masks.
-
-The pipeline follows the EfficientSAM "segment everything" notebook (itself SAM's automatic mask
-generator without crops):
-
-1. a ``points_per_side`` x ``points_per_side`` grid of cell centres over the original image, each
-   point one positive single-point query, decoded ``points_per_batch`` queries per decoder call
-   (the per-image decoder work, :class:`~efficientsam.modeling.two_way_transformer.PreparedImage`,
-   is shared by all batches);
-2. per query, the ``masks_per_point`` candidates with the highest predicted IoU (the notebook
-   keeps 1, SAM all 3), filtered on the decoder's 256x256 low-res logits: predicted IoU >
-   ``pred_iou_thresh``, stability score > ``stability_score_thresh`` (an empty mask scores 0,
-   so it never passes);
-3. greedy box NMS (higher predicted IoU first) on boxes of the low-res masks;
-4. only the kept masks are upscaled to the image size (bicubic, threshold 0), a bounded chunk
-   at a time, and each is optionally cleaned of small islands and holes, measured (area, exact
-   box) and stored in the output mode: an (H, W) bool array ("binary_mask") or a COCO RLE
-   ("coco_rle", as SAM's ``output_mode``), so that with "coco_rle" the peak memory is one chunk
-   plus compact RLEs, not (masks x image pixels); a final NMS on the exact boxes removes the
-   duplicates that the upscale/clean-up can create (as SAM does after its clean-up).
+"""Automatic "segment everything" masks: a grid of single-point prompts -> filtered masks (the
+EfficientSAM notebook's pipeline: SAM's automatic mask generator without crops).
 
 Pixel coordinates are (x, y) of the original image. Boxes are (x0, y0, x1, y1) pixel edges:
 a box holds columns x0 .. x1 - 1 and rows y0 .. y1 - 1, so its width is x1 - x0.
@@ -102,6 +84,17 @@ class GenerationResult:
 
 class AutomaticMaskGenerator:
     """Segment everything in an image with single-point prompts on a regular grid.
+
+    Pipeline: each grid point is one positive single-point query, ``points_per_batch`` queries
+    per decoder call (all sharing the image's
+    :class:`~efficientsam.modeling.two_way_transformer.PreparedImage`); per query the
+    ``masks_per_point`` candidates with the highest predicted IoU (the notebook keeps 1, SAM 3)
+    are kept if predicted IoU > ``pred_iou_thresh`` and stability score >
+    ``stability_score_thresh`` on the 256x256 low-res logits (an empty mask scores 0); greedy box
+    NMS (higher predicted IoU first) on the low-res masks' boxes; only the kept masks are
+    upscaled to the image size (bicubic, threshold 0), optionally cleaned of small islands and
+    holes, measured (area, exact box) and stored in the output mode; a final NMS on the exact
+    boxes removes the duplicates that upscaling and clean-up can create (as SAM does).
 
     Defaults follow the EfficientSAM "segment everything" notebook: a 32x32 grid, the best
     candidate per point, predicted IoU > 0.7, stability score > 0.9 (offset 1.0 around the

@@ -1,4 +1,5 @@
-"""Command line: ``efficientsam predict`` (image + clicks/box -> mask PNGs) and ``efficientsam bench``.
+"""Command line: ``efficientsam predict`` (image + clicks/box -> mask PNGs) and ``efficientsam bench``
+(runs ``benchmarks/efficientsam_bench.py`` of the source checkout).
 
 Bad arguments or unreadable inputs print one line ``efficientsam: error: ...`` and exit with 2.
 """
@@ -6,15 +7,19 @@ Bad arguments or unreadable inputs print one line ``efficientsam: error: ...`` a
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
 EXIT_USAGE = 2
+# The benchmark is not part of the installed library: it lives beside it in a source checkout.
+BENCHMARK_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "efficientsam_bench.py"
 
 
 class UsageError(Exception):
@@ -136,7 +141,8 @@ def write_overlay(
 def run_predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from .build import CheckpointError, load_model
+    from .build import load_model
+    from .checkpoint import CheckpointError
     from .predictor import Predictor
     from .utils import keep_freed_memory_for_reuse
 
@@ -185,9 +191,20 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    from .benchmark import run_benchmark
+def load_benchmark() -> ModuleType:
+    """The checkout's ``benchmarks/efficientsam_bench.py`` as a module; UsageError without it."""
+    if not BENCHMARK_FILE.is_file():
+        raise UsageError(
+            f"the benchmark is not installed with the library ({BENCHMARK_FILE} is missing): "
+            "run `python benchmarks/bench_efficientsam.py` in a source checkout"
+        )
+    spec = importlib.util.spec_from_file_location("efficientsam_bench", BENCHMARK_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
+
+def run_bench(args: argparse.Namespace) -> int:
     variants = [v.strip().lower() for v in args.variants.split(",") if v.strip()]
     unknown = set(variants) - {"ti", "s"}
     if unknown or not variants:
@@ -196,7 +213,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise UsageError(f"checkpoint not found: {args.checkpoint}")
     if args.repeats < 1 or args.click_repeats < 1 or args.threads < 1:
         raise UsageError("--repeats, --click-repeats and --threads must be >= 1")
-    run_benchmark(
+    load_benchmark().run_benchmark(
         variants=variants,
         ti_checkpoint=args.checkpoint,
         repeats=args.repeats,

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from .arrays import image_content_hash, validate_rgb_image
-from .build import tensors_fingerprint
 from .cache import EmbeddingCache, EmbeddingKey, InMemoryEmbeddingCache
+from .checkpoint import tensors_fingerprint
 from .modeling import EfficientSam
 from .modeling.two_way_transformer import PreparedImage
 from .prompts import Prompt, fit_prompt, prompt_token_arrays

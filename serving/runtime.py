@@ -90,7 +90,8 @@ def find_checkpoint(settings: Settings) -> Path:
 def checkpoint_version(state_dict: Mapping[str, torch.Tensor]) -> str:
     """Deterministic version of a checkpoint's tensors: variant + fingerprint of all weights,
     e.g. efficientsam-ti-1a2b3c4d."""
-    from efficientsam.build import infer_variant, tensors_fingerprint
+    from efficientsam.build import infer_variant
+    from efficientsam.checkpoint import tensors_fingerprint
 
     return f"efficientsam-{infer_variant(state_dict).name}-{tensors_fingerprint(state_dict)[:8]}"
 
@@ -153,7 +154,7 @@ class ModelRuntime:
     def read_checkpoint(self) -> str:
         """Read the base checkpoint (its only read: :meth:`load` builds the model from these
         tensors) and return its version."""
-        from efficientsam.build import load_state_dict_file
+        from efficientsam.checkpoint import load_state_dict_file
 
         if self.base_version is None:
             self._checkpoint_tensors = load_state_dict_file(self.checkpoint)

@@ -82,7 +82,7 @@ class EmbeddedTransport:
         # clicks first: batch work lets waiting clicks run at its checkpoints.
         self._compute = ComputeThread(isolation=_fresh_torch_state)
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="background")
-        from efficientsam.build import CheckpointError
+        from efficientsam.checkpoint import CheckpointError
         from serving.runtime import ConfigurationError
 
         started = time.perf_counter()

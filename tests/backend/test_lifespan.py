@@ -10,6 +10,7 @@ import sys
 from starlette.testclient import TestClient
 
 import efficientsam.build
+import efficientsam.checkpoint
 from backend.app import create_app
 from serving.settings import Settings
 from tests.conftest import REPO_ROOT, TI_CHECKPOINT
@@ -18,13 +19,14 @@ from tests.http_fixtures import wait_until_ready
 
 def test_create_app_builds_nothing_and_the_lifespan_reads_the_checkpoint_once(monkeypatch):
     reads = []
-    real = efficientsam.build.load_state_dict_file
+    real = efficientsam.checkpoint.load_state_dict_file
 
     def counting(path):
         reads.append(path)
         return real(path)
 
-    monkeypatch.setattr(efficientsam.build, "load_state_dict_file", counting)
+    for module in (efficientsam.checkpoint, efficientsam.build):  # every way to read one
+        monkeypatch.setattr(module, "load_state_dict_file", counting)
     settings = Settings.from_env({}, checkpoint=TI_CHECKPOINT, device="cpu")
     app = create_app(settings)
     assert app.state.service is None and reads == []  # nothing built before start-up

@@ -33,7 +33,7 @@ def promote_a_fine_tune(model_dir: Path, project: int, base_version: str, redis=
     file of the changed tensors, then the promotion (disk, and Redis when given)."""
     import torch
 
-    from efficientsam.build import load_state_dict_file
+    from efficientsam.checkpoint import load_state_dict_file
     from serving.registry import ModelRegistry
 
     state = load_state_dict_file(TI_CHECKPOINT)

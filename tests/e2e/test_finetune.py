@@ -4,7 +4,7 @@ is promoted and served -> LS re-predicts with it.
 Redis deployment as in docker-compose.yml: ``python -m backend`` (REDIS_URL),
 ``python -m worker --queues interactive,batch`` and ``python -m worker --queues train``. The
 project holds a seeded synthetic domain that random encoder weights can learn (one object of a
-distinct colour per image on textured clutter, ``efficientsam.training.synthetic``); the
+distinct colour per image on textured clutter, ``benchmarks/synthetic.py``); the
 annotations are brush masks of those objects, saved through the LS API, which sends the
 ANNOTATION_CREATED webhooks to the backend as it would for a person."""
 
@@ -15,7 +15,7 @@ import time
 import pytest
 from PIL import Image
 
-from efficientsam.training.synthetic import make_dataset
+from benchmarks.synthetic import make_dataset
 from tests.e2e.conftest import (
     LABEL_CONFIG,
     ask,

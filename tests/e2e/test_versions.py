@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from efficientsam.build import load_state_dict_file
+from efficientsam.checkpoint import load_state_dict_file
 from serving.registry import ModelRegistry
 from tests.conftest import TI_CHECKPOINT
 from tests.e2e.conftest import (

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as coco_mask
 
+from benchmarks.efficientsam_bench import run_everything_probe
 from efficientsam import load_model
 from efficientsam.arrays import mask_to_box
 from efficientsam.automatic import (
@@ -24,7 +25,6 @@ from efficientsam.automatic import (
     remove_small_regions,
     stability_score,
 )
-from efficientsam.benchmark import run_everything_probe
 from efficientsam.predictor import Predictor
 from efficientsam.prompts import Prompt
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from efficientsam import cli
 from efficientsam.cli import main
 from tests.conftest import REFERENCE_DIR
 
@@ -147,3 +148,16 @@ def test_unreadable_image_and_checkpoint(tmp_path, capsys, ti_checkpoint):
         == 2
     )
     assert "not a readable PyTorch checkpoint" in capsys.readouterr().err
+
+
+def test_bench_outside_a_checkout_says_how_to_run_the_benchmark(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "BENCHMARK_FILE", tmp_path / "benchmarks" / "efficientsam_bench.py")
+    assert main(["bench", "--variants", "ti"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("efficientsam: error:")
+    assert "python benchmarks/bench_efficientsam.py" in lines[0]
+
+
+def test_bench_runs_the_checkouts_benchmark():
+    assert cli.BENCHMARK_FILE.is_file()
+    assert callable(cli.load_benchmark().run_benchmark)

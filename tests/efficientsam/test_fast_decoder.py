@@ -1,12 +1,12 @@
-"""The fast decoder against the literal reference formulation (modeling/reference.py)."""
+"""The fast decoder against the literal reference formulation (benchmarks/reference_model.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from benchmarks.reference_model import reference_predict_masks
 from efficientsam import build_efficient_sam_ti
-from efficientsam.modeling.reference import reference_predict_masks
 from tests.conftest import random_state_dict
 
 

@@ -36,9 +36,9 @@ def test_the_gate_promotes_only_a_candidate_that_beats_the_served_version(
 
 
 def test_the_gate_with_real_evaluations_rejects_an_unchanged_model(ti_model):
+    from benchmarks.synthetic import make_dataset
     from efficientsam.predictor import Predictor
     from efficientsam.training import TrainingImage, evaluate
-    from efficientsam.training.synthetic import make_dataset
 
     predictor = Predictor(ti_model)
     images = [

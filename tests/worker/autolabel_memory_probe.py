@@ -18,7 +18,7 @@ import tempfile
 
 import torch
 
-from efficientsam.benchmark import (
+from benchmarks.efficientsam_bench import (
     current_rss_bytes,
     peak_rss_bytes,
     reset_peak_rss,

@@ -133,7 +133,7 @@ def test_a_version_that_failed_to_load_shows_in_health_and_metrics(registry, red
 
 @pytest.mark.slow
 def test_embedded_setup_clicks_and_batches_serve_the_picked_version(server, tmp_path):
-    from efficientsam.build import load_state_dict_file
+    from efficientsam.checkpoint import load_state_dict_file
     from serving.runtime import checkpoint_version
 
     base = checkpoint_version(load_state_dict_file(TI_CHECKPOINT))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from benchmarks.synthetic import make_dataset
 from efficientsam.training import FineTuner, TrainingConfig, TrainingImage, embed_image, evaluate
-from efficientsam.training.synthetic import make_dataset
 
 METRICS = ("one_click_miou", "box_miou", "three_click_miou")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .efficient_sam import EfficientSam
-from .two_way_transformer import Attention
+from efficientsam.modeling import EfficientSam
+from efficientsam.modeling.two_way_transformer import Attention
 
 
 def _attention(module: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "bench_finetune.py"
+from benchmarks import bench_finetune
 
 
 @pytest.mark.slow
 def test_tiny_benchmark_run(tmp_path, ti_checkpoint, capsys):
-    spec = importlib.util.spec_from_file_location("bench_finetune", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     out = tmp_path / "finetune.json"
     argv = ["--checkpoint", str(ti_checkpoint), "--train", "2", "--held-out", "1"]
     argv += ["--steps", "2", "--objects", "1,2", "--log-every", "1", "--json", str(out)]
@@ -27,11 +22,11 @@ def test_tiny_benchmark_run(tmp_path, ti_checkpoint, capsys):
         "--set",
         "learning_rate=2e-4",
     ]
-    threads = module.torch.get_num_threads()
+    threads = bench_finetune.torch.get_num_threads()
     try:
-        result = module.main(argv)
+        result = bench_finetune.main(argv)
     finally:
-        module.torch.set_num_threads(threads)  # the script sets its own thread count
+        bench_finetune.torch.set_num_threads(threads)  # the script sets its own thread count
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["training"]["steps"] == 2 and len(result["training"]["history"]) == 2
     for side in ("base", "fine_tuned"):
@@ -44,12 +39,9 @@ def test_tiny_benchmark_run(tmp_path, ti_checkpoint, capsys):
 
 
 def test_set_rejects_an_unknown_field():
-    spec = importlib.util.spec_from_file_location("bench_finetune", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.config_overrides(["iou_on_all_candidates=false", "learning_rate=1e-4"]) == {
-        "iou_on_all_candidates": False,
-        "learning_rate": 1e-4,
-    }
+    overrides = bench_finetune.config_overrides(
+        ["iou_on_all_candidates=false", "learning_rate=1e-4"]
+    )
+    assert overrides == {"iou_on_all_candidates": False, "learning_rate": 1e-4}
     with pytest.raises(SystemExit, match="no field 'learnig_rate'"):
-        module.config_overrides(["learnig_rate=1"])
+        bench_finetune.config_overrides(["learnig_rate=1"])

@@ -10,7 +10,11 @@ import pytest
 import torch
 
 from efficientsam import CheckpointError, load_model, save_checkpoint
-from efficientsam.build import load_state_dict_file, read_checkpoint_metadata, tensors_fingerprint
+from efficientsam.checkpoint import (
+    load_state_dict_file,
+    read_checkpoint_metadata,
+    tensors_fingerprint,
+)
 
 
 @pytest.fixture(scope="module")

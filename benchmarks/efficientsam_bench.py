@@ -10,6 +10,8 @@ Measures, in one run and on one machine:
 * the optional fast mode (bfloat16 autocast on CPU; float16 and bfloat16 on CUDA): encoder
   speed-up and the IoU of its best masks against float32;
 * on CUDA: encoder images/s at batch 1 and 8, and click latency.
+
+The memory probes run this file as a script in a fresh process (``... efficientsam_bench.py rss``).
 """
 
 from __future__ import annotations
@@ -29,12 +31,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .arrays import mask_iou
-from .build import build_efficient_sam, load_model
-from .modeling import EfficientSam
-from .modeling.reference import reference_predict_masks
-from .predictor import Predictor
-from .utils import keep_freed_memory_for_reuse, resolve_device
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script (the probes' fresh processes)
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.reference_model import reference_predict_masks  # noqa: E402
+from efficientsam.arrays import mask_iou  # noqa: E402
+from efficientsam.build import build_efficient_sam, load_model  # noqa: E402
+from efficientsam.modeling import EfficientSam  # noqa: E402
+from efficientsam.predictor import Predictor  # noqa: E402
+from efficientsam.utils import keep_freed_memory_for_reuse, resolve_device  # noqa: E402
+
+PROBE_COMMAND = [sys.executable, str(Path(__file__).resolve())]  # + "rss" / "everything" ...
 
 CLICK_IMAGE_SIZE = (480, 640)  # (H, W)
 WARMUP = 2
@@ -311,7 +319,7 @@ def everything_memory_probe(
     """Run in a fresh process: segment everything on a synthetic (H, W) image with
     :data:`KEEP_EVERYTHING`. The image is embedded first, then the peak RSS is reset, so
     ``peak_growth_bytes`` is the generator's own peak over the RSS before it ran."""
-    from .automatic import AutomaticMaskGenerator
+    from efficientsam.automatic import AutomaticMaskGenerator
 
     torch.set_num_threads(threads)
     keep_freed_memory_for_reuse()
@@ -368,7 +376,7 @@ def run_everything_probe(
 ) -> dict:
     """:func:`everything_memory_probe` in a fresh process (so that its peak RSS is its own);
     RuntimeError with the end of its stderr when it fails."""
-    command = [sys.executable, "-m", "efficientsam.benchmark", "everything"]
+    command = [*PROBE_COMMAND, "everything"]
     if checkpoint is not None:
         command += ["--checkpoint", str(checkpoint)]
     options = {
@@ -390,9 +398,7 @@ def run_everything_probe(
 
 def _peak_rss(variant: str, checkpoint: Path | None, baseline: bool, threads: int) -> float:
     command = [
-        sys.executable,
-        "-m",
-        "efficientsam.benchmark",
+        *PROBE_COMMAND,
         "rss",
         "--variant",
         variant,
@@ -564,7 +570,7 @@ def run_benchmark(
 
 
 def _probe_main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m efficientsam.benchmark")
+    parser = argparse.ArgumentParser(prog="python benchmarks/efficientsam_bench.py")
     commands = parser.add_subparsers(dest="command", required=True)
     probe = commands.add_parser("rss", help="peak-RSS probe (run in a fresh process)")
     probe.add_argument("--variant", choices=("ti", "s"), required=True)
