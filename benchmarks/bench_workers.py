@@ -51,24 +51,41 @@ SHARED = Path(os.environ.get("EFFICIENTSAM_SHARED_DIR", ROOT.parent / "shared"))
 CHECKPOINT = SHARED / "fixtures" / "efficientsam_ti_random.pt"
 IMAGE = SHARED / "fixtures" / "efficientsam_ti_reference" / "image_640x480.png"
 OUTPUT = OutputSpec(tag="BrushLabels", name="tag", to_name="image", labels=["Object"])
+IMAGE_HOST = "127.0.0.1"  # serve_directory's host: OUTBOUND_ALLOW must name it
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files without a log line per request."""
+
+    def log_message(self, *args) -> None:
+        pass
 
 
 def serve_directory(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
-    handler.log_message = lambda *args: None
+    """Serve ``directory`` over HTTP on a free 127.0.0.1 port; the server and its base URL."""
+    handler = functools.partial(QuietHandler, directory=str(directory))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def start_worker(redis_url: str, queues: str, threads: int, name: str) -> subprocess.Popen:
+def start_worker(
+    redis_url: str,
+    queues: str,
+    threads: int,
+    name: str,
+    device: str = "cpu",
+    checkpoint: Path = CHECKPOINT,
+) -> subprocess.Popen:
+    """A ``python -m worker`` process; images from 127.0.0.1 allowed (the benchmark's server)."""
     env = {
         **os.environ,
         "REDIS_URL": redis_url,
-        "CHECKPOINT": str(CHECKPOINT),
+        "CHECKPOINT": str(checkpoint),
         "MODEL_DIR": tempfile.mkdtemp(prefix="bench-models-"),
-        "DEVICE": "cpu",
+        "DEVICE": device,
         "TORCH_THREADS": str(threads),
+        "OUTBOUND_ALLOW": IMAGE_HOST,
         "LOG_LEVEL": "WARNING",
     }
     return subprocess.Popen(
@@ -112,7 +129,9 @@ def median_ms(samples: list[float]) -> float:
     return round(statistics.median(samples) * 1000, 2)
 
 
-def queue_hop(settings, connection, base_url: str, clicks: int) -> dict:
+def queue_hop(settings, connection, url: str, clicks: int) -> dict:
+    """The same click job (the image at ``url``) in this process and through RQ to a worker
+    process on ``settings.device``; medians in ms (see module docstring)."""
     import torch
 
     from serving import jobs
@@ -123,10 +142,11 @@ def queue_hop(settings, connection, base_url: str, clicks: int) -> dict:
     runtime = ModelRuntime(settings)
     runtime.load()
     transport = QueueTransport(settings)
-    worker = start_worker(settings.redis_url, "interactive", 2, "hop")
+    worker = start_worker(
+        settings.redis_url, "interactive", 2, "hop", settings.device, settings.checkpoint
+    )
     try:
         wait_for_workers(connection, 1)
-        url = f"{base_url}/reference.png"
         warm = click_request(url, 100, 100)
         for _ in range(5):  # both sides: image downloaded and encoded, decoder warm
             jobs.segment(warm, runtime=runtime)
@@ -275,7 +295,12 @@ def main() -> None:
     from serving.settings import Settings
 
     settings = Settings.from_env(
-        {}, redis_url=args.redis_url, checkpoint=CHECKPOINT, device="cpu", threads=2
+        {},
+        redis_url=args.redis_url,
+        checkpoint=CHECKPOINT,
+        device="cpu",
+        threads=2,
+        outbound_allow=IMAGE_HOST,
     )
     connection = redis.Redis.from_url(args.redis_url)
     connection.flushdb()
@@ -293,7 +318,9 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, no GPU",
     }
     try:
-        results["queue_hop"] = queue_hop(settings, connection, base_url, args.clicks)
+        results["queue_hop"] = queue_hop(
+            settings, connection, f"{base_url}/reference.png", args.clicks
+        )
         print(json.dumps(results["queue_hop"], indent=2))
         results["batch_throughput"] = [
             batch_throughput(settings, connection, base_url, args.images, workers)
