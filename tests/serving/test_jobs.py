@@ -267,7 +267,7 @@ def test_a_version_that_cannot_be_served_is_an_error_never_another_version(runti
     registry.promote("12", broken)
     answer = jobs.segment(click(5, 5, project="12"), runtime=runtime)
     assert answer["status"] == 503 and "no_such" in answer["error"]
-    assert "no_such" in registry.version_errors()[broken]["error"]
+    assert "no_such" in registry.version_errors(3600)[broken]["error"]
     task = TaskSpec(id=4, image=IMAGE, boxes=[BoxSpec(box=(64, 48, 320, 240), size=(640, 480))])
     request = AutolabelRequest(project="12", task=task, mode="boxes", output=OUTPUT)
     assert jobs.autolabel(request, runtime=runtime)["status"] == 503
