@@ -350,7 +350,7 @@ class Settings:
             raise ValueError(f"REDIS_URL must be redis://, rediss:// or unix://, got {scheme}")
         if not self.queue_names or set(self.queue_names) - set(QUEUE_NAMES):
             raise ValueError(f"queues must be some of {', '.join(QUEUE_NAMES)}: {self.queues}")
-        for name in POSITIVE:  # RQ keeps no result at all with a TTL of 0
+        for name in POSITIVE:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{ENV[name][0]} must be > 0")
 
@@ -393,6 +393,7 @@ def _value_type(kind: object) -> type:
 SETTINGS: dict[str, Field] = {f.name: f for f in fields(Settings)}
 # field -> env variables, first found wins (LS / label-studio-ml conventions first).
 ENV: dict[str, tuple[str, ...]] = {name: f.metadata["env"] for name, f in SETTINGS.items()}
+# Must be > 0: RQ keeps no result at all with a TTL of 0, and a cron interval of 0 would spin.
 POSITIVE = (
     "waited_result_ttl_seconds",
     "waited_failure_ttl_seconds",
