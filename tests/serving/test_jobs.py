@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import replace
 
 import msgspec
 import numpy as np
@@ -279,7 +278,7 @@ def test_a_version_that_cannot_be_served_is_an_error_never_another_version(runti
 
 
 def test_loaded_versions_bounds_the_versions_kept_in_memory(runtime, monkeypatch):
-    monkeypatch.setattr(runtime, "settings", replace(runtime.settings, loaded_versions=1))
+    monkeypatch.setattr(runtime, "settings", runtime.settings.with_overrides(loaded_versions=1))
     registry, base = runtime.registry, runtime.base_version
     first = registry.store_version("31", base, decoder_tensors(runtime, 0.5), {})
     second = registry.store_version("31", base, decoder_tensors(runtime, 0.25), {})
@@ -292,7 +291,7 @@ def test_loaded_versions_bounds_the_versions_kept_in_memory(runtime, monkeypatch
 
 def test_rectangles_are_decoded_in_chunks_of_box_chunk_pixels(runtime, monkeypatch):
     """Two 640x480 masks at once: three rectangles take two decoder calls."""
-    settings = replace(runtime.settings, box_chunk_pixels=2 * 640 * 480)
+    settings = runtime.settings.with_overrides(box_chunk_pixels=2 * 640 * 480)
     segment, prompts_per_call = runtime.segment, []
 
     def counting(served, image, prompts, multimask):
@@ -301,7 +300,7 @@ def test_rectangles_are_decoded_in_chunks_of_box_chunk_pixels(runtime, monkeypat
 
     monkeypatch.setattr(runtime, "settings", settings)
     monkeypatch.setattr(runtime, "segment", counting)
-    boxes = [{"box": [64 + i, 48, 320, 240], "size": [640, 480]} for i in range(3)]
-    task = {"id": 5, "image": IMAGE, "boxes": boxes}
-    entry = jobs.autolabel({"task": task, "mode": "boxes", "output": OUTPUT}, runtime=runtime)
+    boxes = [BoxSpec(box=(64 + i, 48, 320, 240), size=(640, 480)) for i in range(3)]
+    task = TaskSpec(id=5, image=IMAGE, boxes=boxes)
+    entry = jobs.autolabel(AutolabelRequest(task=task, mode="boxes", output=OUTPUT), runtime)
     assert len(entry["result"]) >= 3 and prompts_per_call == [2, 1]

@@ -10,6 +10,7 @@ import pytest
 from rq.job import Job
 
 from serving.registry import ModelRegistry
+from serving.requests import OutputSpec, PrewarmRequest, PromptSpec, SegmentRequest
 from serving.serialization import JobSerializer
 from serving.settings import Settings
 from serving.transports import QueueTransport, TransportError
@@ -27,8 +28,14 @@ def test_queued_and_waited_jobs_keep_results_and_failures_as_set(redis_connectio
     transport = QueueTransport(Settings.from_env(env))
     waiting = ThreadPoolExecutor(max_workers=1)
     try:
-        queued = transport.submit("prewarm", {"project": "1", "task": 1, "image": IMAGE}, "batch")
-        call = waiting.submit(transport.call, "segment", {"project": "1"}, "interactive", 2)
+        queued = transport.submit("prewarm", PrewarmRequest(project="1", task=1, image=IMAGE))
+        click = SegmentRequest(
+            image=IMAGE,
+            size=(640, 480),
+            prompt=PromptSpec(points=[(5, 5)], labels=[1]),
+            output=OutputSpec(tag="BrushLabels", name="tag", to_name="image", labels=["Car"]),
+        )
+        call = waiting.submit(transport.call, "segment", click, 2)
         (waited,) = wait_until(transport.queues["interactive"].get_job_ids, 2, "the click job")
         ttls = {
             job_id: (job.result_ttl, job.failure_ttl)
