@@ -1,6 +1,7 @@
 """``python -m backend --checkpoint PATH --port PORT`` (also ``efficientsam-backend``).
 
-Every option can also come from the environment (see serving/settings.py); flags win.
+Every setting comes from the environment (serving/settings.py, listed by ``--help``); the
+flags below win.
 """
 
 from __future__ import annotations
@@ -8,46 +9,38 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-from serving.settings import Settings
+from serving.settings import Settings, add_options, env_help
+
+# Settings with a flag (``--model-dir`` for model_dir, ...); the others come from env only.
+OPTIONS = (
+    "checkpoint",
+    "host",
+    "port",
+    "device",
+    "precision",
+    "model_dir",
+    "redis_url",
+    "log_level",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m backend", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--checkpoint", type=Path, help="EfficientSAM .pt/.pt.zip/.safetensors (env CHECKPOINT)"
+    """The flags as a namespace of Settings fields (None: not given)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m backend",
+        description=__doc__.splitlines()[0],
+        epilog=env_help(exclude=OPTIONS),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--host", help="listen address (env HOST, default 0.0.0.0)")
-    parser.add_argument("--port", type=int, help="listen port (env PORT, default 9090)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (env DEVICE, default auto)")
-    parser.add_argument(
-        "--precision",
-        choices=("float32", "bfloat16", "float16"),
-        help="env PRECISION, default float32",
-    )
-    parser.add_argument("--model-dir", type=Path, help="env MODEL_DIR")
-    parser.add_argument(
-        "--redis-url",
-        help="env REDIS_URL: work goes to `python -m worker` processes (default: none, model in this process)",
-    )
-    parser.add_argument("--log-level", help="env LOG_LEVEL, default INFO")
+    add_options(parser, *OPTIONS)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        settings = Settings.from_env(
-            checkpoint=args.checkpoint,
-            host=args.host,
-            port=args.port,
-            device=args.device,
-            precision=args.precision,
-            model_dir=args.model_dir,
-            redis_url=args.redis_url,
-            log_level=args.log_level,
-        )
+        settings = Settings.from_env(**vars(args))
     except ValueError as error:
         print(f"backend: error: {error}", file=sys.stderr)
         return 2

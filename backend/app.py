@@ -23,9 +23,6 @@ from serving.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# Objects and arrays in one body: each costs Python 60-250 bytes for 2 to 8 bytes of JSON.
-MAX_JSON_CONTAINERS = 1_000_000
-
 
 class FastJSONResponse(JSONResponse):
     """orjson: ~10x faster than json for the long integer lists of brush RLE masks."""
@@ -80,9 +77,11 @@ class BasicAuthMiddleware:
         await response(scope, receive, send)
 
 
-async def _json_body(request: Request, limit: int) -> dict:
-    """The request's JSON object, read at most ``limit`` bytes far: a larger ``Content-Length``
-    is refused before reading, a body without one (chunked) when it passes the limit (413)."""
+async def _json_body(request: Request, settings: Settings) -> dict:
+    """The request's JSON object, read at most ``MAX_REQUEST_BYTES`` far: a larger
+    ``Content-Length`` is refused before reading, a body without one (chunked) when it passes
+    the limit (413); so is one with more than ``MAX_JSON_CONTAINERS`` objects and arrays."""
+    limit = settings.max_request_bytes
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -94,9 +93,12 @@ async def _json_body(request: Request, limit: int) -> dict:
         body += chunk
         if len(body) > limit:
             raise ServiceError(_too_large(limit), 413)
-    if body.count(b"{") + body.count(b"[") > MAX_JSON_CONTAINERS:  # an upper bound (strings too)
+    containers = settings.max_json_containers
+    if body.count(b"{") + body.count(b"[") > containers:  # an upper bound (strings too)
         raise ServiceError(
-            f"request body has more than {MAX_JSON_CONTAINERS} JSON objects and arrays", 413
+            f"request body has more than {containers} JSON objects and arrays "
+            "(MAX_JSON_CONTAINERS)",
+            413,
         )
     try:
         payload = orjson.loads(body or b"null")
@@ -125,16 +127,16 @@ def create_app(settings: Settings, service: SegmentationService | None = None) -
         return FastJSONResponse(body, status_code=status)
 
     async def setup(request: Request) -> Response:
-        payload = await _json_body(request, settings.max_request_bytes)
+        payload = await _json_body(request, settings)
         source = client_address(request.scope)
         return FastJSONResponse(await run_in_threadpool(current(request).setup, payload, source))
 
     async def predict(request: Request) -> Response:
-        payload = await _json_body(request, settings.max_request_bytes)
+        payload = await _json_body(request, settings)
         return FastJSONResponse(await run_in_threadpool(current(request).predict, payload))
 
     async def webhook(request: Request) -> Response:
-        payload = await _json_body(request, settings.max_request_bytes)
+        payload = await _json_body(request, settings)
         source = client_address(request.scope)
         body, status = await run_in_threadpool(current(request).webhook, payload, source)
         return FastJSONResponse(body, status_code=status)

@@ -53,7 +53,6 @@ from serving.transports import Transport, TransportError, create_transport
 logger = logging.getLogger(__name__)
 
 LS_PREDICT_TIMEOUT_SECONDS = 100  # LS 1.23's ML_TIMEOUT_PREDICT: it drops the answer after it
-MAX_TASKS_PER_REQUEST = 10_000  # "Retrieve predictions" sends every selected task at once
 
 
 class ServiceError(Exception):
@@ -241,9 +240,10 @@ class SegmentationService:
         tasks = request.get("tasks")
         if not isinstance(tasks, list) or not tasks or not all(isinstance(t, dict) for t in tasks):
             raise ServiceError("'tasks' must be a non-empty list of task objects", 400)
-        if len(tasks) > MAX_TASKS_PER_REQUEST:
+        most = self.settings.max_tasks_per_request
+        if len(tasks) > most:
             raise ServiceError(
-                f"{len(tasks)} tasks in one request; at most {MAX_TASKS_PER_REQUEST}: "
+                f"{len(tasks)} tasks in one request; at most {most} (MAX_TASKS_PER_REQUEST): "
                 "select fewer tasks",
                 413,
             )

@@ -47,7 +47,6 @@ logger = logging.getLogger(__name__)
 
 _runtime: ContextVar[ModelRuntime | None] = ContextVar("efficientsam_runtime", default=None)
 EXPECTED_ERRORS = (ImageError, PromptError, LabelConfigError, ValueError, VersionUnavailable)
-BOX_CHUNK_PIXELS = 16_000_000  # rectangles -> masks: at most this many mask pixels at once
 
 
 class TaskFailed(RuntimeError):
@@ -215,7 +214,7 @@ def _boxes_to_masks(runtime, served, image, boxes: list[BoxSpec], output: Output
     prompts = [item.in_image(image.size) for item in boxes]
     # The decoder upscales every prompt's logits to the image at once (5 bytes a pixel):
     # boxes go in chunks of at most BOX_CHUNK_PIXELS mask pixels, each encoded, then dropped.
-    chunk = max(1, BOX_CHUNK_PIXELS // (width * height))
+    chunk = max(1, runtime.settings.box_chunk_pixels // (width * height))
     result, scores = [], []
     for start in range(0, len(prompts), chunk):
         found, _, _ = runtime.segment(served, image, prompts[start : start + chunk], False)

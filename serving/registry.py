@@ -46,7 +46,6 @@ logger = logging.getLogger(__name__)
 
 _PROJECT = re.compile(r"^\d+$")
 _UNCHANGED = object()
-VERSION_ERROR_SECONDS = 3600.0  # a version that failed to load is reported this long
 
 
 def redis_errors() -> tuple[type[Exception], ...]:
@@ -388,7 +387,7 @@ class ModelRegistry:
         else:
             self.redis.hset(f"{self.prefix}:errors", version, json.dumps(entry))
 
-    def version_errors(self, max_age_seconds: float = VERSION_ERROR_SECONDS) -> dict[str, dict]:
+    def version_errors(self, max_age_seconds: float) -> dict[str, dict]:
         """Versions that failed to load in the last ``max_age_seconds``: version -> ``{"error",
         "time"}`` (this process's; the Redis copy has every worker's)."""
         if self.redis is not None:
@@ -446,6 +445,6 @@ class VersionDirectory:
             versions += [v for v in lists[name] if v not in versions]
         return versions
 
-    def version_errors(self, max_age_seconds: float = VERSION_ERROR_SECONDS) -> dict[str, dict]:
+    def version_errors(self, max_age_seconds: float) -> dict[str, dict]:
         """Versions some worker could not load lately: version -> ``{"error", "time"}``."""
         return _recent_errors(self.redis.hgetall(f"{self.prefix}:errors"), max_age_seconds)

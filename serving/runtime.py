@@ -53,7 +53,6 @@ DEFAULT_CHECKPOINT_NAMES = (
     "efficient_sam_vits.pt",
     "efficient_sam_vitt.safetensors",
 )
-LOADED_VERSIONS = 4  # fine-tuned versions kept in memory per process (~4 MiB decoder-only)
 
 
 class VersionUnavailable(RuntimeError):
@@ -257,7 +256,7 @@ class ModelRuntime:
         self.registry.report_version_error(version, None)
         with self._lock:
             self._versions[version] = served
-            while len(self._versions) > LOADED_VERSIONS:
+            while len(self._versions) > self.settings.loaded_versions:
                 self._versions.popitem(last=False)
         return served
 

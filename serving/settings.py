@@ -1,18 +1,40 @@
-"""All backend configuration in one object, read from the environment (Label Studio's names)."""
+"""All backend configuration in one object, read from the environment (Label Studio's names).
+
+Each setting is declared once, as a field of :class:`Settings` made by :func:`setting`: its
+default, its env variables (first found wins) and its help text. The shells' ``--help``, README's
+table (``python -m serving.settings --markdown``) and :data:`ENV` are derived from it.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
+import textwrap
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
+from serving.labelstudio.context import MAX_IMAGE_PIXELS
 from serving.labelstudio.images import ImageLoader
 from serving.labelstudio.outbound import parse_allow
 
 AUTOLABEL_MODES = ("auto", "boxes", "everything", "off")
 QUEUE_NAMES = ("interactive", "batch", "train")  # in priority order
+PRECISIONS = ("float32", "bfloat16", "float16")
+SHARED_CACHE_DTYPES = ("float16", "float32")
+TRAIN_FROM = ("base", "current")
+MiB, GiB, HOUR, DAY = 1024**2, 1024**3, 3600, 24 * 3600
+
+
+def setting(default: Any, *env: str, help: str, choices: tuple[str, ...] = ()) -> Any:
+    """A :class:`Settings` field: ``default``, its ``env`` variables (LS / label-studio-ml
+    conventions first; the first one set wins), ``help`` (one line) and, for a few, ``choices``."""
+    if not env:
+        raise TypeError("a setting needs at least one env variable")
+    return field(default=default, metadata={"env": env, "help": help, "choices": choices})
 
 
 def _flag(value: str) -> bool:
@@ -21,65 +43,254 @@ def _flag(value: str) -> bool:
 
 @dataclass(frozen=True)
 class Settings:
-    """Backend settings. Every field has an env variable (see ``ENV``); CLI flags override."""
+    """Backend settings. Every field has env variables (``ENV``, :func:`setting`); flags win."""
 
-    host: str = "0.0.0.0"
-    port: int = 9090
-    checkpoint: Path | None = None  # EfficientSAM .pt / .pt.zip / .safetensors
-    model_dir: Path = Path("models")
-    device: str = "auto"  # cpu, cuda, cuda:N or auto
-    precision: str = "float32"  # or the bfloat16/float16 fast mode
-    threads: int = 0  # torch CPU threads; 0 = torch's default
-    label_studio_url: str = ""  # e.g. http://localhost:8080
-    label_studio_api_key: str = ""  # legacy token or personal access token (PAT)
-    basic_auth_user: str = ""
-    basic_auth_pass: str = ""
-    redis_url: str = ""  # set: work goes to RQ workers (worker issue); unset: embedded
-    embedding_cache_bytes: int = 512 * 1024**2
-    image_cache_bytes: int = 256 * 1024**2
-    max_download_bytes: int = 64 * 1024**2
+    # -- the HTTP server and the model
+    host: str = setting("0.0.0.0", "HOST", help="address the HTTP server listens on")
+    port: int = setting(9090, "PORT", help="port the HTTP server listens on")
+    checkpoint: Path | None = setting(
+        None,
+        "CHECKPOINT",
+        "EFFICIENTSAM_CHECKPOINT",
+        help="EfficientSAM weights (.pt, .pt.zip or .safetensors); unset: the first released "
+        "file found in MODEL_DIR (efficient_sam_vitt.pt, efficient_sam_vits.pt.zip, ...)",
+    )
+    model_dir: Path = setting(
+        Path("models"),
+        "MODEL_DIR",
+        help="where the checkpoint is looked for without CHECKPOINT; fine-tuned versions live here",
+    )
+    device: str = setting("auto", "DEVICE", help="cpu, cuda, cuda:N or auto")
+    precision: str = setting(
+        "float32",
+        "PRECISION",
+        help="float32, or the bfloat16/float16 fast mode",
+        choices=PRECISIONS,
+    )
+    threads: int = setting(0, "TORCH_THREADS", help="torch CPU threads; 0: torch's default")
+    log_level: str = setting("INFO", "LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR")
+    # -- Label Studio and HTTP security
+    label_studio_url: str = setting(
+        "",
+        "LABEL_STUDIO_URL",
+        "LABEL_STUDIO_HOST",
+        help="Label Studio's address, e.g. http://localhost:8080 (relative image URLs, LS API)",
+    )
+    label_studio_api_key: str = setting(
+        "",
+        "LABEL_STUDIO_API_KEY",
+        "LABEL_STUDIO_ACCESS_TOKEN",
+        help="Label Studio legacy token or personal access token (PAT)",
+    )
+    basic_auth_user: str = setting(
+        "", "BASIC_AUTH_USER", help="HTTP basic auth on every route: user (set both or neither)"
+    )
+    basic_auth_pass: str = setting("", "BASIC_AUTH_PASS", help="HTTP basic auth: password")
+    label_studio_trust_setup_host: bool = setting(
+        False,
+        "LABEL_STUDIO_TRUST_SETUP_HOST",
+        help="without LABEL_STUDIO_URL, use /setup's hostname and token as the LS host (off: "
+        "any caller of /setup could pick the host that relative image URLs are fetched from)",
+    )
+    outbound_allow: str = setting(
+        "",
+        "OUTBOUND_ALLOW",
+        help="hosts other than LS's that may resolve to non-public addresses (refused "
+        "otherwise): comma-separated names (`*.suffix` too) and IPs/CIDRs, e.g. "
+        "minio.internal,10.0.0.0/8",
+    )
+    version_pick_cache_seconds: float = setting(
+        15.0,
+        "VERSION_PICK_CACHE_SECONDS",
+        help="how long the model version picked in LS (its ML backend record) is cached",
+    )
+    # -- limits: memory, downloads, requests
+    embedding_cache_bytes: int = setting(
+        512 * MiB, "EMBEDDING_CACHE_BYTES", help="image embeddings kept in this process"
+    )
+    image_cache_bytes: int = setting(
+        256 * MiB, "IMAGE_CACHE_BYTES", help="downloaded (decoded) images kept in this process"
+    )
+    max_download_bytes: int = setting(64 * MiB, "MAX_DOWNLOAD_BYTES", help="largest image download")
+    max_image_pixels: int = setting(
+        MAX_IMAGE_PIXELS,
+        "MAX_IMAGE_PIXELS",
+        help="largest image (checked before decoding) and image size a prompt may claim",
+    )
+    download_timeout_seconds: float = setting(
+        20.0, "DOWNLOAD_TIMEOUT_SECONDS", help="image download timeout per connect/read"
+    )
+    download_deadline_seconds: float = setting(
+        60.0, "DOWNLOAD_DEADLINE_SECONDS", help="image download deadline, redirects included"
+    )
     # LS sends tasks with their annotations and predictions (brush RLE; a 12 MP object's mask
-    # is ~60 KB of JSON): 64 MiB holds ~1,000 of them. A larger body is refused (413) before
-    # it is read. Parsing JSON takes up to ~12x its size (measured: a body of small ints).
-    max_request_bytes: int = 64 * 1024**2
-    max_image_pixels: int = 64_000_000
-    download_timeout_seconds: float = 20.0  # per connect/read
-    download_deadline_seconds: float = 60.0  # per image, redirects included
-    # Hosts other than LS's that resolve to non-public addresses are refused; this opens
-    # comma-separated host names (*.suffix too) and IPs/CIDRs, e.g. "minio.internal,10.0.0.0/8".
-    outbound_allow: str = ""
-    # Without LABEL_STUDIO_URL, use /setup's hostname + token as the LS host (off: any caller of
-    # /setup could pick the host that relative image URLs are fetched from).
-    label_studio_trust_setup_host: bool = False
-    batch_time_budget_seconds: float = 60.0  # LS cuts /predict at 100 s
-    version_pick_cache_seconds: float = 15.0  # how long LS's picked model version is cached
-    log_level: str = "INFO"
-    # Batch predictions ("Retrieve predictions"): boxes (rectangles -> masks), everything
-    # (automatic masks), auto (boxes when the task has rectangles, else everything), off.
-    autolabel_mode: str = "auto"
-    autolabel_points_per_side: int = 0  # "segment everything" grid; 0: 32x32 on GPU, 16x16 on CPU
-    # Redis/RQ (used when redis_url is set)
-    redis_key_prefix: str = "efficientsam"  # our own keys; RQ keeps its "rq:" keys
-    queues: str = "interactive,batch"  # what `python -m worker` takes, highest priority first
-    interactive_wait_seconds: float = 30.0  # the backend waits this long for a click's job
-    interactive_job_timeout: int = 60
-    batch_job_timeout: int = 900
-    train_job_timeout: int = 4 * 3600
-    batch_retries: int = 2  # a failed batch task is retried this often, then reported
-    batch_retry_delay_seconds: int = 10
-    worker_heartbeat_seconds: int = 5  # a killed worker's job is retried within ~3 of these
-    shared_cache_bytes: int = 1024**3  # embeddings in Redis, shared by all workers
-    shared_cache_ttl_seconds: int = 7 * 24 * 3600
-    shared_cache_dtype: str = "float16"  # float16 halves the bytes (measured: mask IoU 0.9998)
-    # Fine-tuning (a project's annotations -> a new version of the model for that project)
-    train_from: str = "base"  # start from the released weights, or "current": the project's version
-    train_steps: int = 0  # optimiser steps; 0: the library's default
-    train_lora_rank: int = 0  # > 0: LoRA on the image encoder's qkv/proj too (peft)
-    train_held_out_fraction: float = 0.2  # tasks held out for the promotion decision
-    train_min_tasks: int = 3  # annotated tasks needed before a fine-tune runs
-    train_promotion_margin: float = 0.01  # held-out mIoU gain needed to promote a candidate
-    train_min_new_annotations: int = 20  # the periodic trigger: new annotations since last run
-    train_check_seconds: int = 300  # how often `python -m worker cron` looks at the projects
+    # is ~60 KB of JSON): 64 MiB holds ~1,000 of them.
+    max_request_bytes: int = setting(
+        64 * MiB,
+        "MAX_REQUEST_BYTES",
+        help="a larger request body is refused (413) before it is read; parsing JSON takes up "
+        "to ~12x its size (at least 65536)",
+    )
+    # Each JSON object or array costs Python 60-250 bytes for 2 to 8 bytes of JSON.
+    max_json_containers: int = setting(
+        1_000_000,
+        "MAX_JSON_CONTAINERS",
+        help="a request body with more JSON objects and arrays is refused (413)",
+    )
+    max_tasks_per_request: int = setting(
+        10_000,
+        "MAX_TASKS_PER_REQUEST",
+        help='a /predict with more tasks is refused (413); LS\'s "Retrieve predictions" sends '
+        "every selected task at once",
+    )
+    # -- batch predictions ("Retrieve predictions")
+    autolabel_mode: str = setting(
+        "auto",
+        "AUTOLABEL_MODE",
+        help="boxes (rectangles -> masks), everything (automatic masks), auto (boxes when the "
+        "task has rectangles, else everything) or off",
+        choices=AUTOLABEL_MODES,
+    )
+    autolabel_points_per_side: int = setting(
+        0,
+        "AUTOLABEL_POINTS_PER_SIDE",
+        help="segment-everything grid side (0 to 64); 0: 32 on GPU, 16 on CPU",
+    )
+    batch_time_budget_seconds: float = setting(
+        60.0,
+        "BATCH_TIME_BUDGET_SECONDS",
+        help="embedded: a /predict starts no new task after this (LS cuts /predict at 100 s)",
+    )
+    box_chunk_pixels: int = setting(
+        16_000_000,
+        "BOX_CHUNK_PIXELS",
+        help="rectangles -> masks: at most this many mask pixels at once (5 bytes a pixel)",
+    )
+    # -- Redis/RQ (used when redis_url is set)
+    redis_url: str = setting(
+        "",
+        "REDIS_URL",
+        help="redis://, rediss:// or unix://: work goes to `python -m worker` processes; "
+        "empty: the model runs in the backend's process",
+    )
+    redis_key_prefix: str = setting(
+        "efficientsam",
+        "REDIS_KEY_PREFIX",
+        help="prefix of our own Redis keys (RQ keeps its rq: keys)",
+    )
+    queues: str = setting(
+        "interactive,batch",
+        "WORKER_QUEUES",
+        help="what `python -m worker` takes, highest priority first (interactive, batch, train)",
+    )
+    interactive_wait_seconds: float = setting(
+        30.0, "INTERACTIVE_WAIT_SECONDS", help="the backend waits this long for a click's job"
+    )
+    interactive_job_timeout: int = setting(
+        60, "INTERACTIVE_JOB_TIMEOUT", help="a click's job is stopped after this many seconds"
+    )
+    batch_job_timeout: int = setting(
+        900,
+        "BATCH_JOB_TIMEOUT",
+        help="a batch-queue job (a task, prewarm) is stopped after this many seconds",
+    )
+    train_job_timeout: int = setting(
+        4 * HOUR, "TRAIN_JOB_TIMEOUT", help="a fine-tune job is stopped after this many seconds"
+    )
+    batch_retries: int = setting(
+        2, "BATCH_RETRIES", help="a failed batch task is retried this often, then reported"
+    )
+    batch_retry_delay_seconds: int = setting(
+        10, "BATCH_RETRY_DELAY_SECONDS", help="seconds between a batch task's retries"
+    )
+    worker_heartbeat_seconds: int = setting(
+        5,
+        "WORKER_HEARTBEAT_SECONDS",
+        help="worker heartbeat; a killed worker's job is retried within ~3 of these",
+    )
+    waited_result_ttl_seconds: int = setting(
+        60,
+        "WAITED_RESULT_TTL_SECONDS",
+        help="Redis keeps the result of a job the backend waits for (a click) this long",
+    )
+    waited_failure_ttl_seconds: int = setting(
+        DAY,
+        "WAITED_FAILURE_TTL_SECONDS",
+        help="Redis keeps a failed click job (`python -m worker status`) this long",
+    )
+    result_ttl_seconds: int = setting(
+        DAY,
+        "RESULT_TTL_SECONDS",
+        help="Redis keeps a queued job's result (batch task, prewarm, fine-tune) this long",
+    )
+    failure_ttl_seconds: int = setting(
+        7 * DAY,
+        "FAILURE_TTL_SECONDS",
+        help="Redis keeps a failed queued job and its reason (`python -m worker status`) this long",
+    )
+    shared_cache_bytes: int = setting(
+        GiB, "SHARED_CACHE_BYTES", help="embeddings in Redis, shared by all workers"
+    )
+    shared_cache_ttl_seconds: int = setting(
+        7 * DAY, "SHARED_CACHE_TTL_SECONDS", help="an embedding in Redis expires after this"
+    )
+    shared_cache_dtype: str = setting(
+        "float16",
+        "SHARED_CACHE_DTYPE",
+        help="float16 halves the bytes (measured: mask IoU 0.9998) or float32",
+        choices=SHARED_CACHE_DTYPES,
+    )
+    housekeeping_seconds: int = setting(
+        300,
+        "HOUSEKEEPING_SECONDS",
+        help="how often `python -m worker cron` prunes the shared cache and re-publishes the "
+        "model registry if Redis lost it",
+    )
+    # -- model versions
+    loaded_versions: int = setting(
+        4,
+        "LOADED_VERSIONS",
+        help="fine-tuned versions kept in memory per process (~4 MiB each, decoder only)",
+    )
+    version_error_seconds: float = setting(
+        3600.0,
+        "VERSION_ERROR_SECONDS",
+        help="a version that failed to load is reported this long (/health, /metrics)",
+    )
+    # -- fine-tuning (a project's annotations -> a new version of the model for that project)
+    train_from: str = setting(
+        "base",
+        "TRAIN_FROM",
+        help="start from the released weights (base) or the project's version (current)",
+        choices=TRAIN_FROM,
+    )
+    train_steps: int = setting(0, "TRAIN_STEPS", help="optimiser steps; 0: the library's default")
+    train_lora_rank: int = setting(
+        0, "TRAIN_LORA_RANK", help="> 0: LoRA on the image encoder's qkv/proj too (peft)"
+    )
+    train_held_out_fraction: float = setting(
+        0.2,
+        "TRAIN_HELD_OUT_FRACTION",
+        help="tasks held out for the promotion decision (between 0 and 1)",
+    )
+    train_min_tasks: int = setting(
+        3, "TRAIN_MIN_TASKS", help="annotated tasks needed before a fine-tune runs"
+    )
+    train_promotion_margin: float = setting(
+        0.01,
+        "TRAIN_PROMOTION_MARGIN",
+        help="held-out mIoU gain needed to promote a candidate",
+    )
+    train_min_new_annotations: int = setting(
+        20,
+        "TRAIN_MIN_NEW_ANNOTATIONS",
+        help="the periodic trigger: new annotations since the last run",
+    )
+    train_check_seconds: int = setting(
+        300,
+        "TRAIN_CHECK_SECONDS",
+        help="how often `python -m worker cron` looks at the projects",
+    )
 
     @property
     def basic_auth_enabled(self) -> bool:
@@ -109,7 +320,7 @@ class Settings:
     def validate(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be 1..65535, got {self.port}")
-        if self.precision not in ("float32", "bfloat16", "float16"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be float32, bfloat16 or float16: {self.precision}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
@@ -126,11 +337,11 @@ class Settings:
             raise ValueError("MAX_REQUEST_BYTES must be at least 65536")
         if not 0 <= self.autolabel_points_per_side <= 64:
             raise ValueError("AUTOLABEL_POINTS_PER_SIDE must be 0 (automatic) to 64")
-        if self.shared_cache_dtype not in ("float16", "float32"):
+        if self.shared_cache_dtype not in SHARED_CACHE_DTYPES:
             raise ValueError(
                 f"SHARED_CACHE_DTYPE must be float16 or float32: {self.shared_cache_dtype}"
             )
-        if self.train_from not in ("current", "base"):
+        if self.train_from not in TRAIN_FROM:
             raise ValueError(f"TRAIN_FROM must be current or base: {self.train_from}")
         if not 0 < self.train_held_out_fraction < 1:
             raise ValueError("TRAIN_HELD_OUT_FRACTION must be between 0 and 1")
@@ -139,6 +350,9 @@ class Settings:
             raise ValueError(f"REDIS_URL must be redis://, rediss:// or unix://, got {scheme}")
         if not self.queue_names or set(self.queue_names) - set(QUEUE_NAMES):
             raise ValueError(f"queues must be some of {', '.join(QUEUE_NAMES)}: {self.queues}")
+        for name in POSITIVE:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{ENV[name][0]} must be > 0")
 
     def image_loader(self) -> ImageLoader:
         """An image loader with these settings' LS host, key, limits and outbound policy."""
@@ -161,8 +375,7 @@ class Settings:
 
 def _convert(kind: object, raw: str, variable: str) -> object:
     """An env string as the field's type (Path, int, float, bool, str; ``X | None`` as X)."""
-    options = [t for t in typing.get_args(kind) if t is not type(None)] or [kind]
-    target = options[0]
+    target = _value_type(kind)
     try:
         if target is bool:
             return _flag(raw)
@@ -171,52 +384,96 @@ def _convert(kind: object, raw: str, variable: str) -> object:
         raise ValueError(f"{variable}={raw!r} is not a valid {target.__name__}") from None
 
 
+def _value_type(kind: object) -> type:
+    """``X`` of a field's type ``X`` or ``X | None``."""
+    options = [t for t in typing.get_args(kind) if t is not type(None)] or [kind]
+    return options[0]
+
+
+SETTINGS: dict[str, Field] = {f.name: f for f in fields(Settings)}
 # field -> env variables, first found wins (LS / label-studio-ml conventions first).
-ENV: dict[str, tuple[str, ...]] = {
-    "host": ("HOST",),
-    "port": ("PORT",),
-    "checkpoint": ("CHECKPOINT", "EFFICIENTSAM_CHECKPOINT"),
-    "model_dir": ("MODEL_DIR",),
-    "device": ("DEVICE",),
-    "precision": ("PRECISION",),
-    "threads": ("TORCH_THREADS",),
-    "label_studio_url": ("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST"),
-    "label_studio_api_key": ("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN"),
-    "basic_auth_user": ("BASIC_AUTH_USER",),
-    "basic_auth_pass": ("BASIC_AUTH_PASS",),
-    "redis_url": ("REDIS_URL",),
-    "embedding_cache_bytes": ("EMBEDDING_CACHE_BYTES",),
-    "image_cache_bytes": ("IMAGE_CACHE_BYTES",),
-    "max_download_bytes": ("MAX_DOWNLOAD_BYTES",),
-    "max_request_bytes": ("MAX_REQUEST_BYTES",),
-    "max_image_pixels": ("MAX_IMAGE_PIXELS",),
-    "download_timeout_seconds": ("DOWNLOAD_TIMEOUT_SECONDS",),
-    "download_deadline_seconds": ("DOWNLOAD_DEADLINE_SECONDS",),
-    "outbound_allow": ("OUTBOUND_ALLOW",),
-    "label_studio_trust_setup_host": ("LABEL_STUDIO_TRUST_SETUP_HOST",),
-    "batch_time_budget_seconds": ("BATCH_TIME_BUDGET_SECONDS",),
-    "version_pick_cache_seconds": ("VERSION_PICK_CACHE_SECONDS",),
-    "log_level": ("LOG_LEVEL",),
-    "autolabel_mode": ("AUTOLABEL_MODE",),
-    "autolabel_points_per_side": ("AUTOLABEL_POINTS_PER_SIDE",),
-    "redis_key_prefix": ("REDIS_KEY_PREFIX",),
-    "queues": ("WORKER_QUEUES",),
-    "interactive_wait_seconds": ("INTERACTIVE_WAIT_SECONDS",),
-    "interactive_job_timeout": ("INTERACTIVE_JOB_TIMEOUT",),
-    "batch_job_timeout": ("BATCH_JOB_TIMEOUT",),
-    "train_job_timeout": ("TRAIN_JOB_TIMEOUT",),
-    "batch_retries": ("BATCH_RETRIES",),
-    "batch_retry_delay_seconds": ("BATCH_RETRY_DELAY_SECONDS",),
-    "worker_heartbeat_seconds": ("WORKER_HEARTBEAT_SECONDS",),
-    "shared_cache_bytes": ("SHARED_CACHE_BYTES",),
-    "shared_cache_ttl_seconds": ("SHARED_CACHE_TTL_SECONDS",),
-    "shared_cache_dtype": ("SHARED_CACHE_DTYPE",),
-    "train_from": ("TRAIN_FROM",),
-    "train_steps": ("TRAIN_STEPS",),
-    "train_lora_rank": ("TRAIN_LORA_RANK",),
-    "train_held_out_fraction": ("TRAIN_HELD_OUT_FRACTION",),
-    "train_min_tasks": ("TRAIN_MIN_TASKS",),
-    "train_promotion_margin": ("TRAIN_PROMOTION_MARGIN",),
-    "train_min_new_annotations": ("TRAIN_MIN_NEW_ANNOTATIONS",),
-    "train_check_seconds": ("TRAIN_CHECK_SECONDS",),
-}
+ENV: dict[str, tuple[str, ...]] = {name: f.metadata["env"] for name, f in SETTINGS.items()}
+# Must be > 0: RQ keeps no result at all with a TTL of 0, and a cron interval of 0 would spin.
+POSITIVE = (
+    "waited_result_ttl_seconds",
+    "waited_failure_ttl_seconds",
+    "result_ttl_seconds",
+    "failure_ttl_seconds",
+    "housekeeping_seconds",
+)
+
+
+def default_text(name: str) -> str:
+    """A setting's default as written in env (bytes in MiB/GiB, long durations in h/days too)."""
+    value = SETTINGS[name].default
+    if value is None or value == "":
+        return "(empty)"
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    text = str(value)
+    if name.endswith("_bytes") and value % MiB == 0:
+        unit = ("GiB", GiB) if value % GiB == 0 else ("MiB", MiB)
+        return f"{text} ({value // unit[1]} {unit[0]})"
+    if name.endswith(("_seconds", "_timeout")) and value >= HOUR and value % HOUR == 0:
+        unit = ("days", DAY) if value % DAY == 0 and value > DAY else ("h", HOUR)
+        return f"{text} ({int(value // unit[1])} {unit[0]})"
+    return text
+
+
+def option_help(name: str) -> str:
+    """``--help`` text of a setting: its help, env variables and default (argparse-escaped)."""
+    variables = " or ".join(ENV[name])
+    text = f"{SETTINGS[name].metadata['help']} (env {variables}; default: {default_text(name)})"
+    return text.replace("%", "%%")
+
+
+def add_options(parser: argparse.ArgumentParser, *names: str) -> None:
+    """A ``--name-with-dashes`` option for each setting in ``names``: its type, choices and help
+    from the declaration; ``dest`` is the field name and its default None (env, then the
+    setting's default, apply)."""
+    types = typing.get_type_hints(Settings)
+    for name in names:
+        kind = _value_type(types[name])
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=None if kind is str else kind,
+            choices=SETTINGS[name].metadata["choices"] or None,
+            help=option_help(name),
+        )
+
+
+def env_help(exclude: tuple[str, ...] = ()) -> str:
+    """Every setting but ``exclude`` as an argparse epilog: env variables, default, help."""
+    lines = ["environment (every setting; a flag wins over its variable):"]
+    for name in SETTINGS:
+        if name in exclude:
+            continue
+        lines.append(f"  {' or '.join(ENV[name])} (default: {default_text(name)})")
+        lines += textwrap.wrap(
+            SETTINGS[name].metadata["help"], 79, initial_indent=" " * 6, subsequent_indent=" " * 6
+        )
+    return "\n".join(lines)
+
+
+def markdown_table() -> str:
+    """README's configuration table: env variables (first found wins), default, meaning."""
+    rows = ["| env variable | default | meaning |", "|---|---|---|"]
+    for name in SETTINGS:
+        variables = " or ".join(f"`{variable}`" for variable in ENV[name])
+        meaning = SETTINGS[name].metadata["help"].replace("|", "\\|")
+        rows.append(f"| {variables} | {default_text(name)} | {meaning} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m serving.settings [--markdown]``: every setting, as text or README's table."""
+    parser = argparse.ArgumentParser(prog="python -m serving.settings", description=main.__doc__)
+    parser.add_argument("--markdown", action="store_true", help="README's configuration table")
+    args = parser.parse_args(argv)
+    print(markdown_table() if args.markdown else env_help())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

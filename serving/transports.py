@@ -158,7 +158,7 @@ class EmbeddedTransport:
         return [self.base_version, *self.runtime.registry.promoted_versions(project)]
 
     def version_errors(self) -> dict[str, dict]:
-        return self.runtime.registry.version_errors()
+        return self.runtime.registry.version_errors(self.settings.version_error_seconds)
 
     def _wait_ready(self, timeout: float) -> None:
         if not self._ready.wait(timeout):
@@ -347,7 +347,7 @@ class QueueTransport:
         import redis
 
         try:
-            return self.directory.version_errors()
+            return self.directory.version_errors(self.settings.version_error_seconds)
         except redis.RedisError as error:
             raise self._unavailable(error) from error
 
@@ -365,8 +365,8 @@ class QueueTransport:
                 description=job,  # not the repr of the request: cheaper on every click
                 timeout=self._timeouts[queue],
                 ttl=wait,  # not picked up in time: dropped, the caller has given up
-                result_ttl=60,
-                failure_ttl=24 * 3600,
+                result_ttl=self.settings.waited_result_ttl_seconds,
+                failure_ttl=self.settings.waited_failure_ttl_seconds,
             )
             result = queued.latest_result(timeout=wait)
         except redis.RedisError as error:
@@ -446,8 +446,8 @@ class QueueTransport:
             at_front=at_front,
             description=description,
             job_timeout=self._timeouts[spec.queue],
-            result_ttl=24 * 3600,
-            failure_ttl=7 * 24 * 3600,
+            result_ttl=self.settings.result_ttl_seconds,
+            failure_ttl=self.settings.failure_ttl_seconds,
             retry=(
                 Retry(max=retries, interval=self.settings.batch_retry_delay_seconds)
                 if retries > 0

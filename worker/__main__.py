@@ -10,8 +10,8 @@
     python -m worker versions [--project P]                                 model versions
     python -m worker rollback --project P [--to VERSION|base]               serve another version
 
-Every option can also come from the environment (serving/settings.py: REDIS_URL, CHECKPOINT,
-MODEL_DIR, LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, ...); flags win.
+Every setting comes from the environment (serving/settings.py, listed by ``--help``: REDIS_URL,
+CHECKPOINT, MODEL_DIR, LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, ...); the setting flags win.
 """
 
 from __future__ import annotations
@@ -21,23 +21,24 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 
-from serving.settings import Settings
+from serving.settings import Settings, add_options, env_help
 
 COMMANDS = ("work", "cron", "status", "autolabel", "prewarm", "finetune", "versions", "rollback")
 logger = logging.getLogger("worker")
+# Settings with a flag (``--model-dir`` for model_dir, ...); the others come from env only.
+OPTIONS = ("redis_url", "queues", "checkpoint", "model_dir", "device", "precision", "log_level")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m worker",
+        description=__doc__.splitlines()[0],
+        epilog=env_help(exclude=OPTIONS),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("command", nargs="?", default="work", choices=COMMANDS)
-    parser.add_argument("--redis-url", help="env REDIS_URL (required)")
-    parser.add_argument("--queues", help="env WORKER_QUEUES, default interactive,batch")
-    parser.add_argument("--checkpoint", type=Path, help="env CHECKPOINT")
-    parser.add_argument("--model-dir", type=Path, help="env MODEL_DIR")
-    parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (env DEVICE)")
-    parser.add_argument("--precision", choices=("float32", "bfloat16", "float16"))
+    add_options(parser, *OPTIONS)
     parser.add_argument("--name", help="worker name (default: random)")
     parser.add_argument("--burst", action="store_true", help="quit when the queues are empty")
     parser.add_argument("--project", type=int, help="Label Studio project id")
@@ -45,20 +46,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-wait", action="store_true", help="autolabel/prewarm: only enqueue")
     parser.add_argument("--to", help="rollback: a version of the project, or 'base'")
     parser.add_argument("--json", action="store_true", help="status: machine-readable")
-    parser.add_argument("--log-level", help="env LOG_LEVEL, default INFO")
     return parser.parse_args(argv)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    return Settings.from_env(
-        redis_url=args.redis_url,
-        queues=args.queues,
-        checkpoint=args.checkpoint,
-        model_dir=args.model_dir,
-        device=args.device,
-        precision=args.precision,
-        log_level=args.log_level,
-    )
+    """Settings from env, then the setting flags given."""
+    return Settings.from_env(**{name: getattr(args, name) for name in OPTIONS})
 
 
 def connect(settings: Settings):

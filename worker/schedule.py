@@ -20,7 +20,6 @@ from serving.settings import Settings
 from serving.transports import QueueTransport
 
 logger = logging.getLogger(__name__)
-HOUSEKEEPING_SECONDS = 300
 
 
 class JsonCronJob(CronJob):
@@ -91,16 +90,16 @@ def queue_due_finetunes(
 
 
 def register_periodic_jobs(scheduler: JsonCronScheduler, settings: Settings) -> None:
-    """``housekeeping`` every 5 minutes (a job on its queue, ``batch``): shared-cache index
-    pruning and a re-publish of the model registry if Redis lost it. The training check every
-    ``TRAIN_CHECK_SECONDS``, in this process: a fine-tune on ``train`` for each project with
-    ``TRAIN_MIN_NEW_ANNOTATIONS`` new annotations."""
+    """``housekeeping`` every ``HOUSEKEEPING_SECONDS`` (a job on its queue, ``batch``):
+    shared-cache index pruning and a re-publish of the model registry if Redis lost it. The
+    training check every ``TRAIN_CHECK_SECONDS``, in this process: a fine-tune on ``train`` for
+    each project with ``TRAIN_MIN_NEW_ANNOTATIONS`` new annotations."""
     housekeeping = JOBS["housekeeping"]
     scheduler.register(
         housekeeping.function,
         queue_name=housekeeping.queue,
         args=(msgspec.to_builtins(HousekeepingRequest()),),
-        interval=HOUSEKEEPING_SECONDS,
+        interval=settings.housekeeping_seconds,
         job_timeout=120,
         name="housekeeping",
     )

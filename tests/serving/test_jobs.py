@@ -267,7 +267,7 @@ def test_a_version_that_cannot_be_served_is_an_error_never_another_version(runti
     registry.promote("12", broken)
     answer = jobs.segment(click(5, 5, project="12"), runtime=runtime)
     assert answer["status"] == 503 and "no_such" in answer["error"]
-    assert "no_such" in registry.version_errors()[broken]["error"]
+    assert "no_such" in registry.version_errors(3600)[broken]["error"]
     task = TaskSpec(id=4, image=IMAGE, boxes=[BoxSpec(box=(64, 48, 320, 240), size=(640, 480))])
     request = AutolabelRequest(project="12", task=task, mode="boxes", output=OUTPUT)
     assert jobs.autolabel(request, runtime=runtime)["status"] == 503
@@ -275,3 +275,32 @@ def test_a_version_that_cannot_be_served_is_an_error_never_another_version(runti
         jobs.autolabel(replace(request, model_version=broken, write_back=True), runtime=runtime)
     registry.promote("12", other)
     assert jobs.segment(click(5, 5, project="12"), runtime=runtime)["model_version"] == other
+
+
+def test_loaded_versions_bounds_the_versions_kept_in_memory(runtime, monkeypatch):
+    monkeypatch.setattr(runtime, "settings", runtime.settings.with_overrides(loaded_versions=1))
+    registry, base = runtime.registry, runtime.base_version
+    first = registry.store_version("31", base, decoder_tensors(runtime, 0.5), {})
+    second = registry.store_version("31", base, decoder_tensors(runtime, 0.25), {})
+    served = runtime.served_model("31", first)
+    assert runtime.served_model("31", first) is served  # kept
+    runtime.served_model("31", second)  # the one version kept now
+    again = runtime.served_model("31", first)
+    assert again is not served and again.version == first  # loaded again
+
+
+def test_rectangles_are_decoded_in_chunks_of_box_chunk_pixels(runtime, monkeypatch):
+    """Two 640x480 masks at once: three rectangles take two decoder calls."""
+    settings = runtime.settings.with_overrides(box_chunk_pixels=2 * 640 * 480)
+    segment, prompts_per_call = runtime.segment, []
+
+    def counting(served, image, prompts, multimask):
+        prompts_per_call.append(len(prompts))
+        return segment(served, image, prompts, multimask)
+
+    monkeypatch.setattr(runtime, "settings", settings)
+    monkeypatch.setattr(runtime, "segment", counting)
+    boxes = [BoxSpec(box=(64 + i, 48, 320, 240), size=(640, 480)) for i in range(3)]
+    task = TaskSpec(id=5, image=IMAGE, boxes=boxes)
+    entry = jobs.autolabel(AutolabelRequest(task=task, mode="boxes", output=OUTPUT), runtime)
+    assert len(entry["result"]) >= 3 and prompts_per_call == [2, 1]

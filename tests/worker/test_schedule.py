@@ -10,7 +10,7 @@ from serving.serialization import JobSerializer
 from serving.settings import Settings
 from serving.transports import QueueTransport
 from tests.redis_fixtures import wait_until
-from worker.schedule import queue_due_finetunes
+from worker.schedule import JsonCronScheduler, queue_due_finetunes, register_periodic_jobs
 
 
 def record(state: RedisProjectState, counts: dict[str, int]) -> None:
@@ -51,3 +51,11 @@ def test_the_cron_process_runs_the_check_itself(workers, redis_connection, redis
     assert train.fetch_job("finetune-p5").args[0]["trigger"] == "2 new annotations"
     assert [job.func_name for job in batch.jobs] == ["serving.jobs.housekeeping"]
     assert cron.poll() is None, workers.log(cron)
+
+
+def test_periodic_jobs_run_every_housekeeping_and_train_check_seconds(redis_connection, redis_url):
+    scheduler = JsonCronScheduler(redis_connection)
+    env = {"HOUSEKEEPING_SECONDS": "42", "TRAIN_CHECK_SECONDS": "77"}
+    register_periodic_jobs(scheduler, Settings.from_env(env, redis_url=redis_url))
+    intervals = {job.name: job.interval for job in scheduler.get_jobs()}
+    assert intervals == {"housekeeping": 42, "schedule-training": 77}
