@@ -19,7 +19,7 @@ from ..predictor import ImageEmbedding, Predictor
 from ..prompts import Prompt
 from ..utils import image_to_tensor
 from .data import TrainingImage
-from .prompts import add_click, corrective_click, interior_point, tight_box
+from .simulation import add_click, corrective_click, interior_point, tight_box
 
 CORRECTIVE_CLICKS = 2
 

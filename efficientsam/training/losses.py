@@ -38,7 +38,7 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) 
     return 1 - (2 * intersection + smooth) / (probability.sum(-1) + targets.sum(-1) + smooth)
 
 
-def mask_iou(logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+def logits_iou(logits: torch.Tensor, targets: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     """IoU of the thresholded logits (>= threshold, as served) with the targets, no gradient:
     (..., h, w) -> (...); 1.0 where both are empty."""
     with torch.no_grad():
@@ -92,7 +92,7 @@ def segmentation_loss(
     dice = dice_loss(logits, expanded)
     mask_loss = focal_weight * focal + dice_weight * dice
     chosen = mask_loss.detach().argmin(dim=1)  # (N,)
-    actual_iou = mask_iou(logits, expanded)  # (N, K)
+    actual_iou = logits_iou(logits, expanded)  # (N, K)
     squared = (iou_predictions - actual_iou) ** 2
     rows = torch.arange(logits.shape[0], device=logits.device)
     iou_mse = squared.mean(dim=1) if iou_on_all_candidates else squared[rows, chosen]

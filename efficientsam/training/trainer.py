@@ -25,7 +25,7 @@ from ..prompts import Prompt
 from ..utils import image_to_tensor
 from .data import LOW_RES_SIZE, TrainingImage, low_res_target
 from .losses import segmentation_loss
-from .prompts import (
+from .simulation import (
     add_click,
     corrective_click,
     initial_prompt,

@@ -9,7 +9,7 @@ import torch
 
 from efficientsam.training.losses import (
     dice_loss,
-    mask_iou,
+    logits_iou,
     segmentation_loss,
     sigmoid_focal_loss,
 )
@@ -42,11 +42,11 @@ def test_dice_loss_values():
     assert float(sigmoid_focal_loss(perfect, targets)) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_mask_iou_thresholds_at_zero_inclusive():
+def test_logits_iou_thresholds_at_zero_inclusive():
     targets = torch.tensor([[1, 1], [0, 0]]).bool()
     logits = torch.tensor([[0.0, -1.0], [0.0, -1.0]])  # predicts column 0 (0 counts)
-    assert float(mask_iou(logits, targets)) == pytest.approx(1 / 3)
-    assert float(mask_iou(torch.full((2, 2), -1.0), torch.zeros(2, 2))) == 1.0
+    assert float(logits_iou(logits, targets)) == pytest.approx(1 / 3)
+    assert float(logits_iou(torch.full((2, 2), -1.0), torch.zeros(2, 2))) == 1.0
 
 
 def _candidates(targets: torch.Tensor) -> torch.Tensor:

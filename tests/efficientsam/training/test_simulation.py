@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from efficientsam.prompts import MAX_PROMPT_TOKENS, Prompt
-from efficientsam.training.prompts import (
+from efficientsam.training.simulation import (
     add_click,
     corrective_click,
     distance_to_boundary,
