@@ -1,20 +1,7 @@
-"""Who may start a fine-tune, record annotations and change a project's batch settings.
-
-Control actions are ``START_TRAINING`` and annotation events on ``/webhook`` and
-``extra_params`` on ``/setup``. The model:
-
-* ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS`` set: every route needs them (``app.BasicAuthMiddleware``),
-  so whoever holds them controls any project; that is LS, through the ML backend record's basic
-  auth. LS sends its event webhooks (annotations) without that header, so at ``/setup`` the
-  backend adds it to the project's webhook through the LS API (:class:`WebhookAuth`, in the
-  background, once per project).
-* Otherwise a control action is accepted only for a project that exists on the configured
-  Label Studio (``LABEL_STUDIO_URL`` + ``LABEL_STUDIO_API_KEY``; never ``/setup``'s ``hostname``,
-  which any caller chooses), asked once with ``GET /api/projects/<id>`` and cached
-  (:class:`ProjectCheck`): unknown project 403, LS not answering 503; with no LS configured
-  every control action is refused (403).
-
-Every refusal is logged with the caller's address and the reason.
+"""Who may run control actions: ``START_TRAINING`` and annotation events on ``/webhook``,
+``extra_params`` on ``/setup``. With basic auth on, holding it is enough (:class:`WebhookAuth`
+gives LS's webhook the header); otherwise :class:`ProjectCheck` admits only projects that the
+configured Label Studio has. Every refusal is logged with the caller's address and the reason.
 """
 
 from __future__ import annotations
@@ -54,7 +41,13 @@ def log_refusal(action: str, project: str | None, source: str | None, reason: st
 
 
 class ProjectCheck:
-    """Whether a project exists on the configured LS (see module docstring)."""
+    """Whether a project exists on the configured LS: the check of control actions when basic
+    auth is off.
+
+    Asks ``LABEL_STUDIO_URL`` (+ ``LABEL_STUDIO_API_KEY``; never ``/setup``'s ``hostname``, which
+    any caller chooses) with ``GET /api/projects/<id>``, cached per project (``known_seconds`` /
+    ``unknown_seconds``). :meth:`require` raises ControlRefused: unknown project 403, LS not
+    answering 503, no LS configured 403 for every project."""
 
     def __init__(
         self,
@@ -124,8 +117,11 @@ class ProjectCheck:
 
 
 class WebhookAuth:
-    """Makes LS's webhook for this backend carry the basic auth header (see module docstring).
+    """Makes LS's webhook for this backend carry the basic auth header.
 
+    With ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS`` set every route needs them
+    (``app.BasicAuthMiddleware``); LS sends them with its requests (the ML backend record's basic
+    auth) but not with its event webhooks (annotations), so ``/setup`` calls :meth:`ensure`.
     LS creates the webhook ``<ML backend url>/webhook`` when the backend is connected (after the
     first ``/setup``). This finds the project's ML backend records that use this backend's basic
     auth user (``GET /api/projects/<id>/model-versions?extended=true&include_live_models=true``:

@@ -1,18 +1,8 @@
 """The model version a user picked for a project in Label Studio, read through LS's API.
 
-LS never sends it: ``/setup`` and ``/predict`` carry no version. A project's ML backend record
-holds ``model_version`` and ``auto_update``; with auto update off, LS keeps the record's
-version whatever ``/setup`` answers, and that version is the user's pick (set with
-``PATCH /api/ml/<id> {"url", "project", "auto_update": false, "model_version": ...}``; LS
-1.23.2's web UI has no control for it, the API and SDK do). The backend then serves and stamps
-that version, so that what LS stores, filters on and shows is one version.
-
-The records are read from ``GET /api/projects/<id>/model-versions?extended=true&
-include_live_models=true``: it only reads LS's database (about 40 ms here), whereas
-``GET /api/ml?project=<id>`` calls every backend's ``/health`` and ``/setup`` first, so a
-``/setup`` that used it would call itself through LS. Answers are cached per project for
-``VERSION_PICK_CACHE_SECONDS`` (LS gives ``/setup`` 3 s and calls it on every task opened);
-a failed look-up is cached too, logged, and means "no pick".
+LS never sends it (``/setup`` and ``/predict`` carry no version); the backend serves and stamps
+the pick (``SegmentationService.requested_version``), so that what LS stores, filters on and
+shows is one version.
 """
 
 from __future__ import annotations
@@ -31,7 +21,16 @@ LOOKUP_TIMEOUT_SECONDS = 1.0
 
 
 class PickedVersions:
-    """Per project: the ``model_version`` of its LS ML backend records with auto update off."""
+    """Per project: the ``model_version`` of its LS ML backend records with auto update off.
+
+    With auto update off LS keeps the record's version whatever ``/setup`` answers, so that
+    version is the user's pick (set with ``PATCH /api/ml/<id> {"url", "project", "auto_update":
+    false, "model_version": ...}``; LS 1.23.2's web UI has no control for it, the API and SDK
+    do). Read from ``GET /api/projects/<id>/model-versions?extended=true&include_live_models=
+    true``, LS's database only (~40 ms); ``GET /api/ml?project=<id>`` would call every backend's
+    ``/health`` and ``/setup`` first, so a ``/setup`` using it would call itself through LS.
+    Cached per project ``cache_seconds`` (``VERSION_PICK_CACHE_SECONDS``: LS gives ``/setup``
+    3 s and calls it on every task opened); a failed look-up is cached too, logged, "no pick"."""
 
     def __init__(
         self,

@@ -1,25 +1,7 @@
 """What the routes do: Label Studio's requests in, job requests out, LS answers back.
 
-``SegmentationService`` speaks LS's side (tasks, label configs, context prompts, batch rules,
-model versions) and leaves the model work to a :class:`~serving.transports.Transport`: the
-embedded one (model in this process) or the RQ one (``python -m worker`` processes). Both run
-the jobs of ``serving.jobs.JOBS`` on the same request structs (serving/requests.py).
-
-Batch predictions ("Retrieve predictions", ``context`` null). LS stores every entry that has a
-``result`` as the current version's prediction and never asks again for that task under that
-version, while entries without ``result`` are skipped and asked for again next time. So:
-
-* embedded: each task is predicted in the request (boxes, or automatic masks, see
-  ``autolabel_mode``) until the time budget is spent; tasks without work, failed tasks and tasks
-  left over get an entry without ``result`` (the reason in ``skipped``);
-* Redis: every task becomes one ``autolabel`` job on the ``batch`` queue (job id = project, task
-  and version, so a second "Retrieve predictions" does not queue it twice) and the answer holds
-  no ``result`` at all: the workers write each prediction through the LS API with the same
-  version string, after checking that the task has none of that version yet. LS answers at once
-  whatever the number of tasks, and a task whose job failed is asked for again next time.
-* A single task (LS sends one when the editor opens a task without predictions) never waits for
-  automatic masks: its rectangles are turned into masks at once (embedded), and its embedding is
-  computed in the background so that the first click is fast.
+:class:`SegmentationService` speaks LS's side (tasks, label configs, context prompts, batch rules,
+model versions) and leaves the model work to a :class:`~serving.transports.Transport`.
 """
 
 from __future__ import annotations
@@ -64,7 +46,9 @@ class ServiceError(Exception):
 
 
 class SegmentationService:
-    """LS protocol on top of a transport (see module docstring)."""
+    """LS protocol on top of a transport: the embedded one (model in this process) or the RQ
+    one (``python -m worker`` processes); both run the jobs of ``serving.jobs.JOBS`` on the same
+    request structs (serving/requests.py)."""
 
     def __init__(
         self,
@@ -307,6 +291,21 @@ class SegmentationService:
         return mode, points
 
     def batch(self, project: str | None, tasks: list[dict], config: ProjectConfig) -> list[dict]:
+        """The "Retrieve predictions" request (``context`` null): one entry per task, in order.
+
+        LS stores every entry that has a ``result`` as the version's prediction and never asks
+        again for that task under that version; entries without ``result`` are asked for again
+        next time. So: embedded, each task is predicted in the request (boxes or automatic
+        masks, :meth:`autolabel_mode`) until the time budget is spent, and tasks without work,
+        failed or left over get an entry without ``result`` (the reason in ``skipped``). Redis:
+        every task becomes one ``autolabel`` job on ``batch`` (job id = project, task, version:
+        never queued twice) and its entry has no ``result`` (LS gets the answer at once); the
+        worker writes the prediction through the LS API with the same version, after checking
+        that the task has none of it yet. A single task (the editor opening a task without
+        predictions) never waits for automatic masks: its rectangles become masks at once
+        (embedded) or in a job at the front of the queue (Redis); without rectangles only its
+        embedding is computed, in the background (Redis: at the front of the queue), so that the
+        first click is fast."""
         version = self.requested_version(project)
         mode, points_per_side = self.autolabel_mode(project)
         queued = self.transport.name != "embedded"

@@ -1,16 +1,5 @@
-"""Embedding caches shared by all workers: a Redis tier and the two-tier cache the runtime uses.
-
-Redis tier: one value per image embedding under ``<prefix>:embedding:<key>`` (key = encoder
-fingerprint, preprocessing/precision, image content hash, see ``efficientsam.cache``), stored as
-float16 by default (half of float32's 4 MiB per image; measured on the Ti fixture: best-mask IoU
-0.9998 against float32, logits within 1e-3) or float32. A small header records the dtype and
-shape; the rest is the raw array, nothing executable. A value that does not decode (corrupt or
-planted) is a miss and is dropped. Bounded in bytes with least-recently-used eviction (a sorted
-set of last-use times and a hash of entry sizes, updated by one Lua script per write, so
-concurrent workers never push the total over the cap) and a TTL on every entry. The cap is ours, not Redis' ``maxmemory``: RQ's
-queues share the server and must never be evicted.
-
-Two tiers: the in-process LRU (hot, float32, on the model's device) in front of Redis.
+"""Embedding caches shared by all workers: a Redis tier and the two-tier cache the runtime uses
+(the in-process LRU, hot, float32 on the model's device, in front of Redis).
 """
 
 from __future__ import annotations
@@ -73,8 +62,9 @@ return 1
 
 
 def encode_embedding(embeddings: torch.Tensor, dtype: str = "float16") -> bytes:
-    """(1, C, H, W) or (C, H, W) float tensor -> header + raw bytes. Values that do not fit
-    float16 (|x| > 65504) are stored as float32 instead of becoming inf."""
+    """(1, C, H, W) or (C, H, W) float tensor -> header (magic, dtype, C, H, W) + the raw array,
+    nothing executable. Values that do not fit float16 (|x| > 65504) are stored as float32
+    instead of becoming inf."""
     array = embeddings.detach().float().cpu().numpy().reshape(embeddings.shape[-3:])
     target = np.dtype(np.float16 if dtype == "float16" else np.float32)
     if target == np.float16 and float(np.abs(array).max(initial=0.0)) > float(
@@ -101,7 +91,17 @@ def decode_embedding(data: bytes) -> np.ndarray:
 
 
 class RedisEmbeddingCache:
-    """The shared tier (see module docstring). ``get`` returns float32 CPU tensors."""
+    """The shared tier: one value per image embedding under ``<prefix>:embedding:<key>`` (key =
+    encoder fingerprint, preprocessing/precision, image content hash, see ``efficientsam.cache``).
+    ``get`` returns float32 CPU tensors.
+
+    Values are :func:`encode_embedding`'s: float16 by default (half of float32's 4 MiB per image;
+    on the Ti fixture best-mask IoU 0.9998 against float32, logits within 1e-3) or float32. A
+    value that does not decode (corrupt or planted) is a miss and is dropped. Bounded to
+    ``max_bytes`` with LRU eviction (a sorted set of last-use times and a hash of entry sizes,
+    updated by one Lua script per write, so concurrent workers never push the total over the
+    cap) and a TTL on every entry. The cap is ours, not Redis' ``maxmemory``: RQ's queues share
+    the server and must never be evicted."""
 
     def __init__(
         self,

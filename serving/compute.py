@@ -1,23 +1,8 @@
 """One thread for all of a process's model work, where clicks never wait for batch work.
 
-PyTorch's CPU parallelism keeps an OpenMP team per calling thread, so torch called from several
-threads makes teams spin against each other for the same cores (measured: a 29 ms click became
-37 ms). The embedded backend therefore runs every torch call on one :class:`ComputeThread`. Work
-has a priority (:data:`URGENT` for clicks, :data:`BACKGROUND` for batch tasks, prewarming and
-embedding for fine-tunes) and the queue is ordered by it, but a queue alone lets a click wait for
-the whole background call in front of it (an encoder run, ~1 s on 2 CPU cores; "segment
-everything", ~8 s). So background work is cut into pieces at *checkpoints*: the model calls
-:meth:`ComputeThread.checkpoint` before every image-encoder block and every mask-decoder call
-(:meth:`ComputeThread.attach`, forward pre-hooks), and there
-
-* on the compute thread, inside background work: waiting clicks run inline, at once (same
-  thread, same OpenMP team), then the background work goes on where it was; past its deadline
-  the background work stops with :class:`DeadlineExceeded`;
-* on another thread (a fine-tune's training thread): it waits while the compute thread has
-  work (queued or running), so training takes only the time that clicks and batch tasks leave
-  and never competes with them for the cores between two of its checkpoints.
-
-Torch-free; the hooks are plain functions (a deep copy of a hooked module keeps them).
+Torch called from several threads makes their OpenMP teams spin against each other for the same
+cores (measured: a 29 ms click became 37 ms), so the embedded backend runs every torch call on
+one :class:`ComputeThread`. Torch-free.
 """
 
 from __future__ import annotations
@@ -51,8 +36,15 @@ class DeadlineExceeded(TimeoutError):
 
 
 class ComputeThread:
-    """A single worker thread running submitted functions by priority, with checkpoints (see
-    module docstring). ``submit`` returns a Future; ``run`` waits for the result."""
+    """A single worker thread running submitted functions by priority, with checkpoints.
+    ``submit`` returns a Future; ``run`` waits for the result.
+
+    Work has a priority (:data:`URGENT` for clicks, :data:`BACKGROUND` for batch tasks,
+    prewarming and a fine-tune's embeddings). A queue alone would let a click wait for the whole
+    background call in front of it (an encoder run, ~1 s on 2 CPU cores; "segment everything",
+    ~8 s), so background work is cut into pieces at :meth:`checkpoint` calls: before every
+    image-encoder block and every mask-decoder call (:meth:`attach`) and between the steps of
+    long work that no hook covers."""
 
     def __init__(
         self,
@@ -96,7 +88,13 @@ class ComputeThread:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def checkpoint(self) -> None:
-        """Let waiting clicks go first (see module docstring)."""
+        """Let waiting clicks go first.
+
+        On the compute thread, inside background work: waiting clicks run inline at once (same
+        thread, same OpenMP team), then the background work goes on; past its deadline it stops
+        with :class:`DeadlineExceeded`. Inside a click (or model loading): nothing. On another
+        thread (a fine-tune's training): waits while the compute thread has work, queued or
+        running, so training takes only the time that clicks and batch tasks leave."""
         if threading.current_thread() is self._thread:
             state = self._local
             if getattr(state, "priority", URGENT) == URGENT:
@@ -112,7 +110,8 @@ class ComputeThread:
 
     def attach(self, modules) -> list:
         """Call :meth:`checkpoint` before each of ``modules``' forward passes (torch modules);
-        returns the hook handles."""
+        returns the hook handles. The hook is a plain function: a deep copy of a hooked module
+        (a fine-tuned version's part, ``serving.runtime.derived_model``) keeps it."""
         compute = self
 
         def hook(module, args):  # a plain function: deep copies of the module share it

@@ -1,12 +1,7 @@
 """Job functions: the model work behind the backend, run by RQ workers or in the server process.
 
 :data:`JOBS` is the only way in: a job name -> its function, request struct (serving/requests.py)
-and queue. A function takes its request (the struct, or the JSON of one from Redis, validated
-here: a malformed one fails the job with InvalidRequest) and returns a JSON-serialisable dict
-(numpy arrays allowed: brush RLE). The runtime is ``runtime=`` (embedded) or the worker's
-(:func:`use_runtime`). Expected failures come back as an ``ErrorResult`` (``{"error", "status"}``:
-Label Studio gets a clear 4xx/5xx); anything else fails the job. A request's ``model_version``
-is served exactly, else it is an error: never a prediction of another version.
+and queue (the contract: :class:`JobSpec`).
 """
 
 from __future__ import annotations
@@ -261,6 +256,16 @@ def finetune(payload: FinetuneRequest | dict, runtime: ModelRuntime | None = Non
 # -- the table -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class JobSpec:
+    """A job: ``function(request, runtime=None) -> dict``, its request struct and its queue.
+
+    The function takes its request (the struct, or the JSON of one from Redis, validated: a
+    malformed one fails the job with InvalidRequest) and returns a JSON-serialisable dict (numpy
+    arrays allowed: brush RLE). The runtime is ``runtime=`` (embedded) or the worker's
+    (:func:`use_runtime`). Expected failures come back as an ``ErrorResult`` (``{"error",
+    "status"}``: LS gets a clear 4xx/5xx; a queued ``autolabel`` raises TaskFailed instead, so RQ
+    retries it); anything else fails the job. A request's ``model_version`` is served exactly,
+    else it is an error: never another version's prediction."""
+
     function: Callable[..., dict]  # called with the request's JSON (and runtime= embedded)
     request: type[msgspec.Struct]
     queue: str  # interactive (clicks: first), batch, train

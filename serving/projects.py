@@ -1,16 +1,5 @@
 """Per-project state shared by the backend and the workers: annotation events from LS webhooks,
-new-annotation counts since the last fine-tune, and the training status.
-
-Label Studio stays the source of truth: every training run starts with a full sync of the
-project's annotations through the API, so losing this state (a Redis flush, a restart of the
-embedded server) loses nothing but the count that the periodic trigger compares with its
-threshold. What is kept per project is the set of annotation ids created or updated since the
-last successful fine-tune, so the same annotation saved twice counts once, a skipped task
-(``was_cancelled``) never counts, and ``ANNOTATIONS_DELETED`` removes ids. A run moves the ids
-it starts with into a second set (``training_started``; they still count) and forgets them only
-when it succeeds (``training_succeeded``): a crashed run loses no trigger, and annotations saved
-while a run trains count for the next one.
-
+new-annotation counts since the last fine-tune, and the training status (:class:`ProjectState`).
 Two stores with one interface: :class:`RedisProjectState` (keys ``<prefix>:project:<id>:...``)
 for the Redis deployment, :class:`MemoryProjectState` for the embedded one. Torch-free.
 """
@@ -27,6 +16,16 @@ if TYPE_CHECKING:
 
 
 class ProjectState(Protocol):
+    """Per project: the ids of annotations created or updated since the last successful
+    fine-tune, and the training status.
+
+    The same annotation saved twice counts once, a skipped task (``was_cancelled``) never
+    counts, and deleted annotations (``ANNOTATIONS_DELETED``) are removed. A run moves the ids
+    it starts with aside (:meth:`training_started`: they still count) and forgets them only when
+    it succeeds (:meth:`training_succeeded`): a crashed run loses no trigger, and annotations
+    saved while a run trains count for the next one. Losing this state (a Redis flush, a
+    restart) loses only the count: every run syncs all annotations from LS."""
+
     def record(self, project: str, events: list[dict], deleted: list[int]) -> int:
         """Store events; returns the project's count of new (non-cancelled) annotations."""
 

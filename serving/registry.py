@@ -1,26 +1,7 @@
-"""Model versions: the served base checkpoint and each project's fine-tuned versions.
-
-Durable state lives under ``MODEL_DIR`` (shared by all workers, e.g. one volume):
-
-* ``versions/<version>.safetensors``: the tensors a fine-tune changed (state-dict keys of the
-  whole model; everything else comes from the base checkpoint), with metadata: base version,
-  parent version, project, data snapshot hash, metrics, time.
-* ``projects/<project>.json``: the project's current version (``null`` = the base) and its
-  history (promotions, rejections with the reason, roll-backs).
-
-Redis carries a copy for the processes that serve and route (the backend never touches
-``MODEL_DIR`` or torch): ``<prefix>:model:base`` (JSON of the base version, written by every
-worker at start-up), ``<prefix>:model:project:<id>`` (current version),
-``<prefix>:model:versions`` (project -> its promoted versions, for ``/versions``) and
-``<prefix>:model:errors`` (versions a worker failed to load). Workers re-publish the disk state
-at start-up and whenever Redis's copy differs from the disk (a Redis restart, a key lost or
-overwritten; checked by the periodic housekeeping), so Redis is never the only copy of a model
-version. History updates hold a file lock (``projects/<id>.json.lock``) across processes;
-version files are linked into place exclusively, never overwritten.
-
-Version strings are deterministic and readable: ``efficientsam-ti-1a2b3c4d`` for a base (variant
-+ fingerprint of the weights), ``efficientsam-ti-1a2b3c4d+p7-ft2`` for project 7's second
-promoted fine-tune. This module imports neither torch nor RQ.
+"""Model versions: the served base checkpoint and each project's fine-tuned versions, durable
+under ``MODEL_DIR`` (:class:`ModelRegistry`) with a copy in Redis for the processes that serve
+and route (:class:`VersionDirectory`: the backend never touches ``MODEL_DIR`` or torch). This
+module imports neither torch nor RQ.
 """
 
 from __future__ import annotations
@@ -60,6 +41,8 @@ class RegistryError(ValueError):
 
 
 def fine_tune_version(base_version: str, project: str, number: int) -> str:
+    """``<base>+p<project>-ft<number>``, e.g. ``efficientsam-ti-1a2b3c4d+p7-ft2`` (base:
+    ``serving.runtime.checkpoint_version``; number: :meth:`ModelRegistry.store_version`)."""
     return f"{base_version}+p{project}-ft{number}"
 
 
@@ -92,9 +75,21 @@ def _write_json_atomically(path: Path, content: dict) -> None:
 
 
 class ModelRegistry:
-    """Versions on disk (durable) + their copy in Redis (for routing), see module docstring.
+    """Versions on disk (durable) + their copy in Redis (for routing).
 
-    ``redis`` None: the embedded mode (no Redis), disk only.
+    ``MODEL_DIR`` (shared by all workers, e.g. one volume) holds
+    ``versions/<version>.safetensors`` (the tensors a fine-tune changed, state-dict keys of the
+    whole model; metadata: base and parent version, project, data snapshot hash, metrics, time)
+    and ``projects/<project>.json`` (the current version, ``null`` = the base, and the history:
+    promotions, rejections with the reason, roll-backs). History updates hold a file lock across
+    processes; version files are linked into place exclusively, never overwritten.
+
+    Redis keys under ``<prefix>:model``: ``:base`` (JSON of the base version, written by every
+    worker at start-up), ``:project:<id>`` (current version), ``:versions`` (project -> its promoted
+    versions, for ``/versions``), ``:errors`` (versions a worker failed to load). Workers
+    re-publish the disk state whenever Redis's copy differs (at start-up and periodically:
+    :meth:`ensure_published`), so Redis is never the only copy of a version. ``redis`` None:
+    the embedded mode, disk only.
     """
 
     def __init__(

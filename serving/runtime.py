@@ -1,19 +1,5 @@
-"""The per-process model holder: base checkpoint, per-project fine-tuned versions, caches, images.
-
-One ``ModelRuntime`` per process: an RQ worker holds one for its whole life (the model loads
-once, never a fork per job), and the embedded backend holds one in the server process. Job
-functions (``serving.jobs``) receive it; everything torch happens through :meth:`compute`, which
-the embedded backend routes to its single compute thread (one OpenMP team, see
-backend/service.py) and a worker runs inline in its main thread.
-
-Versions: the base checkpoint serves every project without a promoted fine-tune; a project's
-promoted version (``serving.registry``), or the stored version a request names, is loaded on
-first use as the base model with the fine-tuned tensors swapped in (modules whose tensors did
-not change, e.g. the image encoder of a decoder-only fine-tune, are shared with the base model,
-and so are their cached embeddings: the embedding key holds the encoder's fingerprint). The
-registry is re-read (a stat) on every call, so a promotion or roll-back is served by every
-worker on its next job, without a restart. A request that names a version (what LS asked for)
-gets exactly that version or an error, never another one.
+"""The per-process model holder: base checkpoint, per-project fine-tuned versions, caches, images
+(:class:`ModelRuntime`), which the job functions (``serving.jobs``) receive.
 """
 
 from __future__ import annotations
@@ -115,8 +101,11 @@ class Segmentation:
 class ModelRuntime:
     """Loads the base model, serves projects' versions, owns the caches and the image loader.
 
-    ``compute``: how torch work is run (default: inline in the calling thread). ``redis``: the
-    shared embedding tier and the registry's Redis copy (None in the embedded mode).
+    One per process: an RQ worker holds one for its whole life (the model loads once, never a
+    fork per job), the embedded backend one in the server process. ``compute``: how torch work
+    is run (default: inline in the calling thread, as in a worker; the embedded backend passes
+    its single compute thread, serving/compute.py). ``redis``: the shared embedding tier and the
+    registry's Redis copy (None in the embedded mode).
     """
 
     def __init__(
@@ -224,7 +213,9 @@ class ModelRuntime:
         project's stored versions, loaded by name), else the project's promoted version (or the
         base). Never another version: anything that cannot be served raises
         :class:`VersionUnavailable` with the reason, and a version that fails to load is
-        reported (log, registry: /health, /metrics)."""
+        reported (log, registry: /health, /metrics). The registry is re-read (a stat) on every
+        call, so a promotion or roll-back is served from the next job on, without a restart; a
+        loaded version is the base model with its tensors swapped in (:func:`derived_model`)."""
         base = self.base or self.compute(self.load)
         if version is None:
             try:
@@ -364,7 +355,8 @@ def default_points_per_side(device_type: str) -> int:
 def derived_model(base: EfficientSam, tensors: dict) -> EfficientSam:
     """A model equal to ``base`` with ``tensors`` (state-dict keys) replaced. Top-level parts
     (image encoder, prompt encoder, mask decoder) without replaced tensors are the base's own
-    modules (shared, not copied)."""
+    modules (shared, not copied); so are cached embeddings when the encoder is unchanged (e.g. a
+    decoder-only fine-tune): the embedding key holds the encoder's fingerprint."""
     import torch
 
     unknown = set(tensors) - set(base.state_dict())

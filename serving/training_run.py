@@ -1,15 +1,6 @@
-"""One fine-tuning run of a project, behind the ``finetune`` job (see ``serving.jobs.finetune``).
-
-sync (LS API) -> split by task -> embeddings (frozen encoder, shared cache) -> train
-(``efficientsam.training.FineTuner``) -> evaluate the served version and the candidate on the
-same held-out prompts -> promote (new version file + registry) or reject (reason recorded).
-
-A task whose annotation cannot be decoded or whose image cannot be downloaded is skipped, its
-reason logged and listed in the run's report (``skipped_tasks``); the run goes on without it.
-The project's new-annotation count is forgotten only when the run succeeds (promoted, rejected
-or skipped for too little data), so a crashed run loses no trigger. A queued run is retried (RQ
-``Retry``) only for failures before training starts: from then on the job carries no retries,
-and an attempt that finds an earlier one got that far fails at once (:class:`Attempts`).
+"""One fine-tuning run of a project, behind the ``finetune`` job (see ``serving.jobs.finetune``):
+sync, split, embed, train, evaluate, promote or reject (:func:`run_finetune`). A queued run is
+retried only for failures before training starts (:class:`Attempts`).
 """
 
 from __future__ import annotations
@@ -128,6 +119,15 @@ class Progress:
 
 
 def run_finetune(runtime: ModelRuntime, project: str, trigger: str) -> dict:
+    """sync (LS API) -> split by task -> embeddings (frozen encoder, shared cache) -> train
+    (``efficientsam.training.FineTuner``) -> evaluate the served version and the candidate on the
+    same held-out prompts -> promote (new version file + registry) or reject (reason recorded).
+    Returns the run's summary (``status``: promoted / rejected / skipped).
+
+    A task whose annotation cannot be decoded or whose image cannot be downloaded is skipped,
+    its reason logged and listed in the report (``skipped_tasks``); the run goes on without it.
+    The project's new-annotation count is forgotten only when the run succeeds (promoted,
+    rejected or skipped for too little data), so a crashed run loses no trigger."""
     from efficientsam.training import (
         FineTuner,
         TrainingConfig,

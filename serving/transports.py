@@ -1,13 +1,7 @@
-"""How the backend gets model work done: in this process, or by RQ workers through Redis.
-
-Both transports run the jobs of ``serving.jobs.JOBS``, by name, on the JSON of the same request
-structs (serving/requests.py); the routes only see :class:`Transport`.
-
-* :class:`EmbeddedTransport` (no ``REDIS_URL``): the model lives in the server process; job
-  functions run in the request thread and hand every torch call to one compute thread.
-* :class:`QueueTransport` (``REDIS_URL`` set): jobs go to the ``interactive`` / ``batch`` /
-  ``train`` queues and ``python -m worker`` processes run them. This module then never imports
-  torch (nor does anything the backend imports in that mode).
+"""How the backend gets model work done: in this process (:class:`EmbeddedTransport`) or by RQ
+workers through Redis (:class:`QueueTransport`). Both run the jobs of ``serving.jobs.JOBS``, by
+name, on the JSON of the same request structs (serving/requests.py); the routes only see
+:class:`Transport`.
 """
 
 from __future__ import annotations
@@ -69,7 +63,8 @@ class Transport(Submitter, Protocol):
 
 
 class EmbeddedTransport:
-    """The model in this process (see module docstring)."""
+    """The model in this process (no ``REDIS_URL``): job functions run in the request thread
+    (or a background thread) and hand every torch call to one compute thread."""
 
     name = "embedded"
 
@@ -243,7 +238,9 @@ def _fresh_torch_state():
 
 
 class QueueTransport:
-    """Jobs on RQ queues, run by ``python -m worker`` processes (see module docstring)."""
+    """Jobs on RQ queues, run by ``python -m worker`` processes (``REDIS_URL`` set): the
+    ``interactive`` / ``batch`` / ``train`` queues. In this mode the backend never imports
+    torch (tests/worker/test_processes.py checks it)."""
 
     name = "redis"
 

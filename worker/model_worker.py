@@ -1,31 +1,5 @@
-"""The RQ worker class that holds the model: jobs run in this process, never in a fork.
-
-``ModelWorker`` is RQ's ``SimpleWorker`` (the job runs in the worker's main thread, so the model
-is loaded once per process and CUDA is never forked) with six additions:
-
-* jobs, their meta and results are JSON (:class:`~serving.serialization.JobSerializer`), never
-  pickles: a job whose data is not JSON fails without being executed;
-* it runs only the functions of ``serving.jobs.JOBS``: a job naming any other function (RQ
-  would import and call whatever a job in Redis names), or callbacks, or keyword arguments,
-  fails with the reason, nothing named in it imported or run (:func:`refusal`);
-* the process's :class:`~serving.runtime.ModelRuntime` is installed for every job
-  (``serving.jobs.use_runtime``), so job functions stay plain importable functions;
-* a heartbeat thread keeps the job's execution alive in RQ's started-job registry with a short
-  TTL (3 heartbeats) while it runs. A worker killed mid-job (SIGKILL, OOM, lost machine) stops
-  beating; within seconds the execution expires and the next registry clean-up of any worker
-  hands the job to RQ's retry (or the failed registry when no retries are left). RQ's own
-  SimpleWorker would only notice after the job's whole timeout;
-* registry clean-up runs every ``maintenance_seconds`` and the idle blocking pop is short, so
-  that clean-up and a re-publish of the model registry after a Redis restart happen promptly;
-* it rides out a Redis outage instead of quitting (RQ's loop quits on a Redis error anywhere but
-  in its blocking pop): every Redis step of the loop and of a job's bookkeeping (start, result,
-  failure, state, heartbeats) waits for Redis with a backoff (0.5 s doubling to 5 s) and goes
-  on; a job that finished during the outage gets its result recorded once Redis is back (its
-  prediction is already written: it is not run again). After a Redis restart, abandoned jobs
-  are looked for only once the restarted Redis has been up for a job heartbeat TTL, so that
-  the executions of live workers, which look expired after the downtime, are beaten again
-  first and not handed to a second worker. RQ's scheduler (retries with a delay) rides out
-  outages the same way and stops when its worker is gone.
+"""The RQ worker class that holds the model: jobs run in this process, never in a fork
+(:class:`ModelWorker`), and only the jobs of ``serving.jobs.JOBS`` (:func:`refusal`).
 """
 
 from __future__ import annotations
@@ -124,7 +98,24 @@ def until_redis_answers(
 
 
 class ModelWorker(SimpleWorker):
-    """SimpleWorker + model runtime + short job heartbeats (see module docstring)."""
+    """RQ's ``SimpleWorker`` (the job runs in the worker's main thread, so the model loads once
+    per process and CUDA is never forked) with these additions:
+
+    * jobs, their meta and results are JSON (:class:`~serving.serialization.JobSerializer`);
+    * only the functions of ``serving.jobs.JOBS`` run: a job naming any other function, or
+      callbacks, or keyword arguments, fails with the reason, nothing of it imported or run;
+    * the process's ``ModelRuntime`` is installed for every job (``serving.jobs.use_runtime``);
+    * a heartbeat thread keeps the running job's execution alive with a short TTL (3 beats): a
+      worker killed mid-job stops beating, the execution expires within seconds and the next
+      registry clean-up of any worker hands the job to RQ's retry (RQ's own SimpleWorker would
+      notice only after the job's whole timeout);
+    * registry clean-up every ``maintenance_seconds`` and a short idle pop, so that clean-up and
+      a re-publish of the model registry after a Redis restart happen promptly;
+    * a Redis outage is ridden out, not a reason to quit: every Redis step of the loop and of a
+      job's bookkeeping waits for Redis (:func:`until_redis_answers`) and goes on; a job that
+      finished meanwhile gets its result recorded once Redis is back (it is not run again).
+      After a Redis restart, abandoned jobs are looked for only once Redis has been up for a
+      heartbeat TTL, so live workers beat their executions again first."""
 
     max_connection_wait_time = 5.0  # reconnect to a restarted Redis within seconds
     log_result_lifespan = False  # one line per job is enough ("Job OK"); clicks are many
@@ -233,7 +224,7 @@ class ModelWorker(SimpleWorker):
             self._heartbeat.watch(None, None)
         self.set_state(WorkerStatus.IDLE)
 
-    # -- riding out a Redis outage (see module docstring) ----------------------------------------
+    # -- riding out a Redis outage (see the class docstring) -------------------------------------
     def _until_redis_answers(self, what: str, call: Callable[[], T]) -> T:
         return until_redis_answers(
             call, f"worker {self.name}: {what}", lambda: self._stop_requested

@@ -1,12 +1,6 @@
 """Fine-tuning EfficientSAM on a project's own masks (library only: no Label Studio, HTTP or
-Redis code). See README, "Fine-tuning".
-
-    images = [TrainingImage(task_id, predictor.embed(image).embeddings, masks) for ...]
-    train_ids, held_out_ids = split_by_task([image.image_id for image in images])
-    tuner = FineTuner(model, TrainingConfig())
-    report = tuner.fit(train_images, progress=print)
-    scores = evaluate(tuner.model, held_out_images)  # vs evaluate(model, held_out_images)
-    changed = tuner.changed_tensors()  # the tensors a fine-tuned version has to store
+Redis code): data and split, prompt simulation, losses, :class:`FineTuner`, held-out
+:func:`evaluate`. Usage: :class:`FineTuner`; README, "Fine-tuning on a project's annotations".
 """
 
 from .data import TrainingImage, embed_image, low_res_target, split_by_task

@@ -176,7 +176,15 @@ class FineTuner:
     Decoder-only (default): the mask decoder and the prompt embeddings train on the images'
     cached embeddings; the encoder never runs. With ``config.lora_rank`` > 0 the encoder's
     attention gets LoRA adapters, runs on ``TrainingImage.image`` each step, and the adapters
-    are merged into its weights at the end of :meth:`fit`.
+    are merged into its weights at the end of :meth:`fit`. Typical use::
+
+        images = [TrainingImage(task_id, predictor.embed(image).embeddings, masks) for ...]
+        train_ids, held_out_ids = split_by_task([image.image_id for image in images])
+        # train_images, held_out_images: the images with those ids
+        tuner = FineTuner(model, TrainingConfig())
+        report = tuner.fit(train_images, progress=print)
+        scores = evaluate(tuner.model, held_out_images)  # vs evaluate(model, held_out_images)
+        changed = tuner.changed_tensors()  # the tensors a fine-tuned version has to store
     """
 
     def __init__(self, model: EfficientSam, config: TrainingConfig) -> None:

@@ -1,17 +1,7 @@
 """A project's annotations from the Label Studio API -> instance masks for fine-tuning.
 
-Rules: per task, the ground-truth annotation if there is one, else the most recently updated one;
-skipped tasks (``was_cancelled``) and empty annotations are ignored. Every brush, bitmask or
-polygon region on the project's image is one instance mask, at the annotation's
-``original_width`` x ``original_height``. Rectangles are not used: a box says where an object is,
-not which pixels are it, and training a mask decoder towards filled boxes would teach it boxes
-(the box prompts of training are derived from the masks instead).
-
-A region that says it is a mask but cannot be decoded (bad RLE, bitmask or polygon) makes its
-task skipped with the reason (:func:`sync_annotations`), never the run failed. What the sync
-keeps per task is only what training needs: the image URL, the annotation's id and time, and
-its masks packed 8 pixels a byte (the task's JSON, other annotations and predictions are
-dropped as each task is read). Torch-free.
+One annotation per task (:func:`chosen_annotation`), its brush, bitmask and polygon regions as
+instance masks (:func:`annotated_task`), read task by task (:func:`sync_annotations`). Torch-free.
 """
 
 from __future__ import annotations
@@ -77,7 +67,8 @@ class AnnotatedTask:
 
 
 def chosen_annotation(task: dict) -> dict | None:
-    """Ground truth first, else the latest updated; never a skipped (cancelled) one."""
+    """Ground truth first, else the latest updated; never a skipped (``was_cancelled``) or
+    empty one."""
     entries = task.get("annotations")
     annotations = [
         a
@@ -167,7 +158,12 @@ def _polygon_mask(points: object, width: int, height: int) -> np.ndarray:
 
 def annotated_task(task: dict, config: ProjectConfig) -> AnnotatedTask | None:
     """The task's instance masks on the project's image, or None when it has none;
-    :class:`AnnotationError` when one of its mask regions cannot be decoded."""
+    :class:`AnnotationError` when one of its mask regions cannot be decoded.
+
+    Every brush, bitmask or polygon region on the project's image is one instance mask, at the
+    annotation's ``original_width`` x ``original_height``. Rectangles are not used: a box says
+    where an object is, not which pixels are it, and training a mask decoder towards filled
+    boxes would teach it boxes (training derives its box prompts from the masks instead)."""
     annotation = chosen_annotation(task)
     data = task.get("data")
     url = data.get(config.image_data_key) if isinstance(data, dict) else None
@@ -197,7 +193,9 @@ def sync_annotations(
     tasks: Iterable[dict], config: ProjectConfig
 ) -> tuple[list[AnnotatedTask], list[dict]]:
     """LS tasks (read one at a time) -> (the tasks with masks, ``{"task", "reason"}`` of each
-    task skipped because a region of its annotation cannot be decoded)."""
+    task skipped because a region of its annotation cannot be decoded: skipped, never the run
+    failed). Only what training needs is kept per task (image URL, the annotation's id and time,
+    masks packed 8 pixels a byte); the task's JSON is dropped as each task is read."""
     kept, skipped = [], []
     for task in tasks:
         if not isinstance(task, dict):

@@ -1,25 +1,8 @@
-"""Label Studio brush RLE, vectorised.
-
-Produces exactly the bytes of ``label_studio_sdk.converter.brush.mask2rle`` (tests compare them
-on many masks) but with numpy instead of a Python loop over a bit string: the SDK takes ~0.9 s
-for a 640x480 mask with a ragged outline (a random-weight model's mask, or hair, foliage), this
-takes a few milliseconds.
-
-Decoding (:func:`decode_rle`, :func:`decode_alpha`) is our own too, because the SDK's cannot be
-bounded: it turns the whole stream into a Python string of bits, then allocates whatever value
-count the header claims (a 220 KB stroke claiming 1 GiB grew the process by 1,041 MiB) and only
-then can the caller compare the size with the image's. Ours reads the header first and refuses
-a count other than the one expected (``original_width x original_height x 4``) before it
-allocates anything, refuses truncated streams, bytes outside 0..255, values over 255 and literal
-runs past the end, and otherwise gives exactly the SDK's values (tests compare them on random
-masks and random well-formed streams). :func:`decode_alpha` writes only the alpha channel, one
-byte a pixel, which is all a mask needs (a quarter of the SDK's RGBA array).
-
-Format (LS editor, @thi.ng/rle-pack): header = 32 bits value count N (= W*H*4: every pixel's
-value repeated for R, G, B, A), 5 bits word size - 1 (7), four 4-bit run-length field widths - 1
-(3, 4, 8, 16). Then per run: flag bit (1 repeat / 0 literal), 2 bits choosing the width, count - 1
-in that width, the 8-bit value. Runs longer than 2^16 values are split; the stream is padded with
-1 to 8 zero bits to whole bytes (the SDK always pads, also when already aligned).
+"""Label Studio brush RLE, vectorised: exactly the bytes and values of ``label_studio_sdk``'s
+``mask2rle`` and ``decode_rle`` (tests compare them), with numpy instead of a Python loop over a
+bit string (the SDK: ~0.9 s for a 640x480 mask with a ragged outline; this: a few ms), and
+decoders that refuse a stream of the wrong size before allocating. Format:
+:func:`encode_brush_mask`.
 """
 
 from __future__ import annotations
@@ -42,7 +25,14 @@ def encode_brush_mask(mask: np.ndarray) -> np.ndarray:
     """(H, W) bool/uint8 mask -> LS brush RLE bytes (uint8 array; ``.tolist()`` is the SDK's
     list); foreground = 255. An array, not a list: orjson writes it and the JSON job serializer
     (serving/serialization.py) ships it as base64 in
-    a fraction of the time a 150,000-int list takes."""
+    a fraction of the time a 150,000-int list takes.
+
+    Format (LS editor, @thi.ng/rle-pack): header = 32 bits value count N (= W*H*4: every
+    pixel's value repeated for R, G, B, A), 5 bits word size - 1 (7), four 4-bit run-length
+    field widths - 1 (3, 4, 8, 16). Then per run: flag bit (1 repeat / 0 literal), 2 bits
+    choosing the width, count - 1 in that width, the 8-bit value(s). Runs longer than 2^16
+    values are split; the stream is padded with 1 to 8 zero bits to whole bytes (the SDK always
+    pads, also when already aligned)."""
     flat = np.asarray(mask).ravel() != 0
     total = flat.size * 4
     header = f"{total:032b}" + f"{7:05b}" + _HEADER_SIZES
@@ -146,7 +136,8 @@ def _decode(data: bytes, fill: Callable[[int, int, int | np.ndarray], None]) -> 
     """Walk the runs of a stream whose header was checked, calling ``fill(start, stop, value)``
     (value: an int for a repeat run, a uint8 array for a literal run). Runs are a chain (each
     one's length says where the next starts), so this is a loop over runs, each a few integer
-    operations on a 64-bit window; the values are written by slices."""
+    operations on a 64-bit window; the values are written by slices. BrushRLEError for a
+    truncated stream, a value over 255 or a literal run past the end."""
     count, word, widths = rle_header(data)
     total_bits = len(data) * 8
     padded = data + bytes(16)  # windows past the end read zeros; truncation is checked below
@@ -190,7 +181,9 @@ def _decode(data: bytes, fill: Callable[[int, int, int | np.ndarray], None]) -> 
 def decode_rle(rle: Sequence[int] | np.ndarray | bytes, max_values: int) -> np.ndarray:
     """LS brush RLE -> flat uint8 values, exactly ``label_studio_sdk``'s ``decode_rle``, but a
     stream whose header claims more than ``max_values`` values is refused before anything is
-    allocated (so is a malformed one)."""
+    allocated (so is a malformed one). The SDK's cannot be bounded: it allocates whatever count
+    the header claims before the caller can compare it with the image's (a 220 KB stroke
+    claiming 1 GiB grew the process by 1,041 MiB)."""
     data = rle_bytes(rle)
     count = rle_header(data)[0]
     if count > max_values:
@@ -208,9 +201,10 @@ def decode_alpha(
     rle: Sequence[int] | np.ndarray | bytes, width: int, height: int, out: np.ndarray | None = None
 ) -> np.ndarray:
     """LS brush RLE of a ``width`` x ``height`` image -> (height, width) bool mask, alpha > 0
-    (the SDK's RGBA decode, channel 3). The header must claim ``width * height * 4`` values:
-    anything else is refused before allocating. With ``out`` (a (height, width) bool array),
-    the stroke is OR-ed into it (a union of strokes in one array)."""
+    (the SDK's RGBA decode, channel 3; one byte a pixel, a quarter of the SDK's array). The
+    header must claim ``width * height * 4`` values: anything else is refused before allocating.
+    With ``out`` (a (height, width) bool array), the stroke is OR-ed into it (a union of strokes
+    in one array)."""
     data = rle_bytes(rle)
     count = rle_header(data)[0]
     if count != width * height * 4:

@@ -1,25 +1,6 @@
-"""Label Studio ``params.context.result`` -> one EfficientSAM prompt.
-
-Rules (documented in README):
-* Keypoints: (x, y) percent of ``original_width``/``original_height`` -> pixels; negative when
-  the top-level ``is_positive`` is false (LS's editor, Alt-click) or, when that is absent,
-  ``value.positive`` is false (newer front-ends); absent = positive. Clicks keep their order.
-* Rectangles: the box around the (possibly rotated) rectangle, clipped to the image. EfficientSAM
-  takes one box per prompt: the most recent rectangle is used and older ones are reported as
-  dropped.
-* Brush strokes (``brushlabels`` RLE): the union of the strokes becomes the box around it plus
-  up to 4 positive points inside it, chosen by farthest-point sampling that starts at the
-  stroke's most interior pixel (so a long stroke is covered end to end). A stroke smaller than
-  ``MIN_BOX_SIDE`` pixels in either direction gives points only (its box would be meaningless).
-* All items of one request form one prompt; the predictor then keeps the box corners and the
-  most recent clicks (at most 6 tokens) and reports what it dropped.
-
-Bounds (a request is refused with a message, never allocated for): at most
-``MAX_CONTEXT_ITEMS`` items; an image size of at most ``max_pixels``; coordinates finite and
-within the image (1 % tolerance), rectangle sides at most twice the image's diagonal; a brush
-RLE's header must claim exactly ``original_width x original_height x 4`` values, checked before
-decoding (serving/labelstudio/brush.py decodes only the alpha channel into one mask for all strokes). Large
-strokes are pooled to about ``STROKE_WORK_PIXELS`` before the distance transform.
+"""Label Studio ``params.context.result`` -> one EfficientSAM prompt (:func:`parse_context`;
+the rules are documented in README too). Bounded: a request that is too large or malformed is
+refused with a message, never allocated for.
 """
 
 from __future__ import annotations
@@ -139,7 +120,10 @@ def decode_brush_mask(
 
 
 def stroke_prompt(mask: np.ndarray) -> tuple[tuple[float, float, float, float] | None, np.ndarray]:
-    """The box around a stroke mask (None if too small) and up to 4 points (x, y) inside it."""
+    """The box around a stroke mask (None when it is under ``MIN_BOX_SIDE`` pixels in either
+    direction: points only) and up to 4 points (x, y) inside it, by farthest-point sampling from
+    the stroke's most interior pixel (a long stroke is covered end to end). A stroke's box over
+    ``STROKE_WORK_PIXELS`` is max-pooled to about that size before the distance transform."""
     rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if rows.size == 0:
         raise PromptError("brush stroke is empty")
@@ -210,8 +194,24 @@ def check_image_size(width: object, height: object, max_pixels: int = MAX_IMAGE_
 def parse_context(
     result: Sequence[dict], max_pixels: int = MAX_IMAGE_PIXELS
 ) -> InteractivePrompt | None:
-    """``context.result`` -> one prompt, or None when there are no prompt items. The image size
-    the items give is at most ``max_pixels``."""
+    """``context.result`` -> one prompt, or None when there are no prompt items.
+
+    * Keypoints: (x, y) percent of ``original_width``/``original_height`` -> pixels; negative
+      when the top-level ``is_positive`` is false (LS's editor, Alt-click) or, when that is
+      absent, ``value.positive`` is false (newer front-ends); absent = positive. Clicks keep
+      their order.
+    * Rectangles: the box around the (possibly rotated) rectangle, clipped to the image. One box
+      per prompt: the most recent rectangle is used, older ones are counted as dropped.
+    * Brush strokes (``brushlabels`` RLE): their union becomes a box and up to 4 positive points
+      (:func:`stroke_prompt`); a rectangle's box wins over the strokes' box.
+    * All items form one prompt; the predictor keeps the box corners and the most recent
+      clicks (at most 6 tokens) and reports what it dropped.
+
+    Bounds (PromptError): at most ``MAX_CONTEXT_ITEMS`` items; an image size of at most
+    ``max_pixels``; coordinates finite and within the image (1 % tolerance), rectangle sides at
+    most twice the image's diagonal; a brush RLE's header must claim exactly
+    ``original_width x original_height x 4`` values, checked before decoding (only the alpha
+    channel is decoded, into one mask for all strokes)."""
     if not isinstance(result, (list, tuple)):
         raise PromptError("context.result must be a list")
     if len(result) > MAX_CONTEXT_ITEMS:

@@ -1,21 +1,5 @@
-"""Task image URL -> RGB array: Label Studio URLs and credentials, bounded downloads, a cache.
-
-* ``/data/upload/...``, ``/data/local-files/?d=...`` and other relative paths are LS URLs.
-* ``s3://``, ``gs://``, ``azure-blob://`` go through LS's presign endpoint for the task.
-* ``http(s)://`` URLs are fetched as they are; ``data:image/...;base64,`` URIs are decoded.
-* The LS credential goes only to the LS origin (scheme, host and port), also across redirects,
-  which are followed by hand. A legacy token is sent as ``Token <key>``; a personal access token
-  (a JWT) is exchanged at ``/api/token/refresh/`` for a short-lived access token, sent as
-  ``Bearer`` and refreshed before it expires.
-* Outbound policy (serving/labelstudio/outbound.py): any host but the LS host is refused when it resolves to a
-  loopback, private, link-local, multicast or reserved address, unless ``OUTBOUND_ALLOW`` opens it;
-  checked on the address connected to, on every redirect hop. Schemes other than http(s)/data
-  are refused. Failures of other hosts say "download failed", never their status or body.
-* ``/setup``'s hostname and token are used only with ``LABEL_STUDIO_TRUST_SETUP_HOST`` on and no
-  ``LABEL_STUDIO_URL``: otherwise whoever calls ``/setup`` first would pick the LS host.
-* Downloads are bounded in bytes and in total time (every socket operation ends by the
-  deadline), images in pixels (checked before decoding); EXIF orientation is applied, so arrays
-  have the size the browser shows.
+"""Task image URL -> RGB array: Label Studio URLs and credentials, bounded downloads through
+the outbound policy (serving/labelstudio/outbound.py), a cache.
 """
 
 from __future__ import annotations
@@ -100,7 +84,10 @@ def _jwt_expiry(token: str) -> float | None:
 
 
 class LabelStudioCredentials:
-    """Builds the Authorization header for the LS host (legacy token or exchanged PAT)."""
+    """Builds the Authorization header for the LS host: a legacy token is sent as ``Token
+    <key>``; a personal access token (a JWT) is exchanged at ``/api/token/refresh/`` for a
+    short-lived access token, sent as ``Bearer`` and refreshed before it expires. The header goes
+    only to the LS origin (scheme, host and port), also across redirects."""
 
     REFRESH_MARGIN_SECONDS = 30.0
 
@@ -130,7 +117,8 @@ class LabelStudioCredentials:
 
     def or_setup(self, hostname: str | None, access_token: str | None) -> LabelStudioCredentials:
         """These credentials, or, when no LABEL_STUDIO_URL is configured and
-        ``trust_setup_host`` is on, what LS's /setup sends (``hostname``, ``access_token``)."""
+        ``trust_setup_host`` is on, what LS's /setup sends (``hostname``, ``access_token``).
+        Never by default: whoever called /setup first would pick the LS host."""
         if self.url or not hostname or not access_token:
             return self
         if not str(hostname).startswith(("http://", "https://")):
@@ -187,8 +175,10 @@ class ImageLoader:
     """Resolves, downloads, decodes and caches task images (LRU bounded in bytes).
 
     Downloads go through the outbound policy (``outbound_allow``: OUTBOUND_ALLOW's format;
-    ``resolver``: host name -> addresses, injectable for tests) and end within
-    ``download_deadline_seconds`` in total (redirects included)."""
+    ``resolver``: host name -> addresses, injectable for tests), follow redirects by hand and
+    end within ``download_deadline_seconds`` in total (redirects included); they are bounded in
+    bytes, images in pixels (checked before decoding). EXIF orientation is applied, so arrays
+    have the size the browser shows."""
 
     def __init__(
         self,
@@ -233,7 +223,11 @@ class ImageLoader:
 
     # -- URLs --------------------------------------------------------------------------------
     def resolve(self, url: str, task_id: int | None = None) -> str:
-        """The absolute URL to fetch for a task's image reference."""
+        """The absolute URL to fetch for a task's image reference: ``/data/upload/...``,
+        ``/data/local-files/?d=...`` and other relative paths are LS URLs; cloud URLs
+        (``CLOUD_SCHEMES``: ``s3://``, ``gs://`` ...) go through LS's presign endpoint for the
+        task; ``http(s)://`` URLs and ``data:image/...;base64,`` URIs are used as they are;
+        other schemes are refused."""
         if not isinstance(url, str) or not url.strip():
             raise ImageError("the task has no image URL")
         url = url.strip()

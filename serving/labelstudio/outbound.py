@@ -1,17 +1,6 @@
-"""The outbound policy for image downloads: which addresses the backend may connect to.
-
-* The Label Studio host (host and port of ``LABEL_STUDIO_URL``, or of ``/setup``'s hostname
-  when ``LABEL_STUDIO_TRUST_SETUP_HOST`` is on) is allowed wherever it lives, loopback included.
-* Any other host is refused when an address it resolves to is not a public unicast address:
-  loopback, private (RFC 1918, ULA fc00::/7, CGNAT 100.64/10), link-local (169.254/16 with the
-  cloud metadata address, fe80::/10), multicast, unspecified, reserved or documentation ranges.
-* ``OUTBOUND_ALLOW`` opens named hosts (``minio.internal``, ``*.corp.example``) and networks
-  (``10.0.0.0/8``, ``192.168.1.20``), for on-prem storage.
-
-The check runs where the connection is made (an httpcore network backend): the host name is
-resolved once, every address checked, and the socket connects to those very addresses (no DNS
-rebinding between check and connect), on every request, so on every redirect hop too. The same
-backend bounds every socket operation by the current download's total deadline.
+"""The outbound policy for image downloads: which addresses the backend may connect to
+(:class:`OutboundPolicy`), enforced where connections are made (:class:`GuardedTransport`),
+which also bounds every socket operation by the current download's total deadline.
 """
 
 from __future__ import annotations
@@ -95,7 +84,15 @@ def address_kind(address: IPAddress) -> str | None:
 
 
 class OutboundPolicy:
-    """Decides which addresses a download may connect to (see the module docstring).
+    """Decides which addresses a download may connect to.
+
+    * The Label Studio host (host and port of ``LABEL_STUDIO_URL``, or of ``/setup``'s hostname
+      when ``LABEL_STUDIO_TRUST_SETUP_HOST`` is on) is allowed wherever it lives, loopback too.
+    * Any other host is refused when an address it resolves to is not a public unicast address:
+      loopback, private (RFC 1918, ULA fc00::/7, CGNAT 100.64/10), link-local (169.254/16 with
+      the cloud metadata address, fe80::/10), multicast, unspecified, reserved or documentation.
+    * ``OUTBOUND_ALLOW`` opens named hosts (``minio.internal``, ``*.corp.example``) and networks
+      (``10.0.0.0/8``, ``192.168.1.20``), for on-prem storage.
 
     ``allow``: OUTBOUND_ALLOW's text; ``trusted(host, port)``: whether that is the Label Studio
     host (allowed anywhere); ``resolver``: host name -> addresses (tests inject one that never
@@ -239,7 +236,9 @@ class _PolicyBackend(httpcore.NetworkBackend):
 class GuardedTransport(httpx.HTTPTransport):
     """httpx's HTTP transport whose connections go through the outbound policy and the
     current download deadline (environment proxies are not used: the policy must see the
-    address that is connected to)."""
+    address that is connected to). The host name is resolved once, every address checked, and
+    the socket connects to those very addresses (no DNS rebinding between check and connect),
+    on every request, so on every redirect hop too."""
 
     def __init__(self, policy: OutboundPolicy) -> None:
         super().__init__()
