@@ -1,5 +1,6 @@
-"""Command line: ``efficientsam predict`` (image + clicks/box -> mask PNGs) and ``efficientsam bench``
-(runs ``benchmarks/efficientsam_bench.py`` of the source checkout).
+"""Command line: ``efficientsam predict`` (image + clicks/box -> mask PNGs), ``efficientsam bench``
+(runs ``benchmarks/efficientsam_bench.py`` of the source checkout) and ``efficientsam sami``
+(distils a teacher's image encoder into a Ti student).
 
 Bad arguments or unreadable inputs print one line ``efficientsam: error: ...`` and exit with 2.
 """
@@ -98,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     bench.add_argument("--json", type=Path, help="also write the results as JSON here")
     bench.add_argument("--markdown", type=Path, help="also write the results table here")
+
+    sami = commands.add_parser("sami", help="distil a teacher encoder into a Ti student (SAMI)")
+    sami.add_argument("--teacher", type=Path, required=True, help="teacher checkpoint (Ti or S)")
+    sami.add_argument("--student", type=Path, required=True, help="Ti checkpoint to start from")
+    sami.add_argument("--images", type=Path, required=True, help="folder of training images")
+    sami.add_argument("--held-out", type=Path, help="folder of held-out images (default: --images)")
+    sami.add_argument("--steps", type=int, required=True, help="masked-pretraining steps")
+    sami.add_argument("--align-steps", type=int, default=20, help="unmasked alignment steps")
+    sami.add_argument("--mask-ratio", type=float, default=0.75, help="share of tokens hidden")
+    sami.add_argument("--batch-size", type=int, default=2, help="images per step")
+    sami.add_argument("--seed", type=int, default=0)
+    sami.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    sami.add_argument("--out", type=Path, required=True, help="result .safetensors to write")
     return parser
 
 
@@ -226,12 +240,105 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def load_image_folder(folder: Path) -> list[np.ndarray]:
+    """The folder's PNG/JPEG files (sorted by name) as HxWx3 uint8 RGB arrays."""
+    if not folder.is_dir():
+        raise UsageError(f"image folder not found: {folder}")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise UsageError(f"no .png/.jpg images in {folder}")
+    return [load_rgb_image(path) for path in paths]
+
+
+def format_sami_metrics(before: dict[str, float], after: dict[str, float]) -> str:
+    """The held-out metrics as a text table: one row per metric, before / after / change."""
+    names = {
+        "cosine": "per-token cosine",
+        "centred_cosine": "centred cosine",
+        "nmse": "normalised MSE",
+        "mask_agreement": "mask agreement (IoU)",
+    }
+    lines = [f"{'held-out metric':<22} {'before':>8} {'after':>8} {'change':>8}"]
+    for key, label in names.items():
+        change = after[key] - before[key]
+        lines.append(f"{label:<22} {before[key]:>8.4f} {after[key]:>8.4f} {change:>+8.4f}")
+    return "\n".join(lines)
+
+
+def run_sami(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .build import load_model
+    from .checkpoint import CheckpointError, save_checkpoint
+    from .training.sami import SamiConfig, distil
+
+    if args.out.suffix != ".safetensors":
+        raise UsageError(f"--out must end in .safetensors, got {args.out}")
+    try:
+        config = SamiConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            mask_ratio=args.mask_ratio,
+            align_steps=args.align_steps,
+            seed=args.seed,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    images = load_image_folder(args.images)
+    held_out = load_image_folder(args.held_out) if args.held_out else images
+    try:
+        teacher = load_model(args.teacher, device=args.device)
+        student = load_model(args.student, device=args.device)
+    except CheckpointError as error:
+        raise UsageError(str(error)) from error
+    except RuntimeError as error:
+        raise UsageError(f"cannot use device {args.device!r}: {error}") from error
+    if student.variant != "ti":
+        raise UsageError(f"--student must be a Ti checkpoint, got {student.variant.upper()}")
+    print(
+        f"teacher: EfficientSAM-{teacher.variant.upper()} ({args.teacher}); student: "
+        f"EfficientSAM-Ti ({args.student}); {len(images)} training images, {len(held_out)} "
+        f"held-out{'' if args.held_out else ' (the training images: no --held-out given)'}"
+    )
+    bars: dict[str, tqdm] = {}
+
+    def progress(entry: dict) -> None:
+        stage = entry["stage"]
+        if stage not in ("sami", "align"):
+            tqdm.write(f"{stage}: {entry.get('when', '')}".rstrip(": "))
+            return
+        if stage not in bars:
+            label = "SAMI (masked)" if stage == "sami" else "alignment"
+            bars[stage] = tqdm(total=entry["steps"], desc=label, unit="step")
+        bars[stage].set_postfix(loss=f"{entry['loss']:.4f}")
+        bars[stage].update(entry["step"] - bars[stage].n)
+
+    try:
+        result = distil(teacher, student, images, held_out, config, progress=progress)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    save_checkpoint(result.model, args.out, result.metadata(str(args.teacher), str(args.student)))
+    print(format_sami_metrics(result.before, result.after))
+    print(
+        f"seconds per step: SAMI {result.report.seconds_per_step('sami'):.2f}, "
+        f"alignment {result.report.seconds_per_step('align'):.2f}"
+    )
+    print(f"wrote {args.out} (EfficientSAM-Ti: student encoder, teacher's decoder)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args = build_parser().parse_args(argv)
         if args.command == "predict":
             return run_predict(args)
+        if args.command == "sami":
+            return run_sami(args)
         return run_bench(args)
     except UsageError as error:
         print(f"efficientsam: error: {error}", file=sys.stderr)
