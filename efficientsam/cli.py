@@ -307,13 +307,16 @@ def run_sami(args: argparse.Namespace) -> int:
 
     def progress(entry: dict) -> None:
         stage = entry["stage"]
-        if stage not in ("sami", "align"):
-            tqdm.write(f"{stage}: {entry.get('when', '')}".rstrip(": "))
+        if stage == "teacher":
+            tqdm.write(f"teacher embeddings of {entry['images']} images (once each)")
+            return
+        if stage == "metrics":
+            tqdm.write(f"held-out metrics of the student {entry['when']} training")
             return
         if stage not in bars:
             label = "SAMI (masked)" if stage == "sami" else "alignment"
             bars[stage] = tqdm(total=entry["steps"], desc=label, unit="step")
-        bars[stage].set_postfix(loss=f"{entry['loss']:.4f}")
+        bars[stage].set_postfix(loss=f"{entry['loss']:.4f}", refresh=False)
         bars[stage].update(entry["step"] - bars[stage].n)
 
     try:

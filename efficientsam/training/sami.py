@@ -6,7 +6,6 @@ cross-attention decoder, then its full encoder (ViT + neck) is aligned unmasked.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ from ..build import build_efficient_sam
 from ..modeling import EfficientSam
 from ..modeling.image_encoder import ImageEncoderViT, Mlp
 from ..utils import image_to_tensor
+from .trainer import warmup_cosine_factor
 
 TEACHER_CHANNELS = 256
 
@@ -191,14 +191,6 @@ def _tokens(embeddings: torch.Tensor) -> torch.Tensor:
     return embeddings.flatten(2).transpose(1, 2)
 
 
-def _lr_factor(step: int, steps: int, warmup: int, final_fraction: float) -> float:
-    """Linear warm-up to 1 over ``warmup`` steps, then cosine to ``final_fraction``."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def _adamw(
     named: Sequence[tuple[str, nn.Parameter]], config: SamiConfig, lr: float
 ) -> torch.optim.AdamW:
@@ -225,7 +217,8 @@ class SamiReport:
     config: dict = field(default_factory=dict)
 
     def seconds_per_step(self, stage: str) -> float:
-        steps = sum(1 for entry in self.history if entry["stage"] == stage)
+        """Mean seconds of one step of ``stage`` ("sami" or "align"); 0.0 if it did not run."""
+        steps = self.config.get("steps" if stage == "sami" else "align_steps", 0)
         seconds = self.sami_seconds if stage == "sami" else self.align_seconds
         return seconds / steps if steps else 0.0
 
@@ -338,7 +331,7 @@ class SamiDistiller:
         self.decoder.train()
         try:
             for step in range(steps):
-                factor = _lr_factor(step, steps, warmup, config.final_lr_fraction)
+                factor = warmup_cosine_factor(step, steps, warmup, config.final_lr_fraction)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * factor
                 chosen = []

@@ -165,6 +165,16 @@ class _Sampler:
         return batch
 
 
+def warmup_cosine_factor(step: int, steps: int, warmup_steps: int, final_fraction: float) -> float:
+    """Learning-rate factor of 0-based ``step``: linear warm-up to 1 over ``warmup_steps``, then
+    cosine decay to ``final_fraction`` at ``steps``."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return final_fraction + (1 - final_fraction) * cosine
+
+
 def _digest(tensor: torch.Tensor) -> bytes:
     data = tensor.detach().cpu().contiguous()
     return hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16).digest()
@@ -239,14 +249,10 @@ class FineTuner:
         )
 
     def _lr_factor(self, step: int) -> float:
-        """Linear warm-up to 1 over warmup_steps, then cosine to final_lr_fraction."""
         config = self.config
-        if step < config.warmup_steps:
-            return (step + 1) / (config.warmup_steps + 1)
-        span = max(1, config.steps - config.warmup_steps)
-        progress = min(1.0, (step - config.warmup_steps) / span)
-        cosine = 0.5 * (1 + math.cos(math.pi * progress))
-        return config.final_lr_fraction + (1 - config.final_lr_fraction) * cosine
+        return warmup_cosine_factor(
+            step, config.steps, config.warmup_steps, config.final_lr_fraction
+        )
 
     def _inject_lora(self) -> None:
         from peft import LoraConfig, inject_adapter_in_model
