@@ -18,6 +18,7 @@ from efficientsam.training.sami import (
     agreement_prompts,
     embedding_metrics,
     encode_visible,
+    held_out_metrics,
     random_token_split,
     teacher_embeddings,
 )
@@ -104,6 +105,20 @@ def test_agreement_prompts_are_deterministic_and_inside_the_image():
     assert (points >= 0).all() and (points[:, 0] <= 200).all() and (points[:, 1] <= 120).all()
     assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 2] <= 200).all()
     assert (boxes[:, 3] > boxes[:, 1]).all() and (boxes[:, 3] <= 120).all()
+
+
+def test_held_out_metrics_of_the_teacher_itself_are_perfect(ti_model, images):
+    cache: dict[str, torch.Tensor] = {}
+    targets = teacher_embeddings(ti_model, images[:1], cache)
+    assert teacher_embeddings(ti_model, images[:1], cache)[0] is targets[0]  # computed once
+    metrics = held_out_metrics(ti_model.image_encoder, ti_model, images[:1], targets, seed=2)
+    assert metrics["cosine"] == pytest.approx(1.0, abs=1e-4)
+    assert metrics["nmse"] == pytest.approx(0.0, abs=1e-4)
+    assert metrics["mask_agreement"] == pytest.approx(1.0)
+    noisy = held_out_metrics(
+        ti_model.image_encoder, ti_model, images[:1], [targets[0] * -1.0], seed=2
+    )
+    assert noisy["mask_agreement"] < 0.9 and noisy["cosine"] < 0
 
 
 @pytest.mark.slow
