@@ -224,12 +224,15 @@ class SamiReport:
 
 
 class SamiDistiller:
-    """Trains a copy of ``student``'s image encoder (the given model is never modified)::
+    """Trains a copy of ``student``'s image encoder (the given model is never modified).
 
-    targets = teacher_embeddings(teacher, images, cache)
-    distiller = SamiDistiller(student, SamiConfig(steps=200, align_steps=20))
-    report = distiller.fit(images, targets, progress=print)
-    model = distiller.result_model(teacher)  # student encoder, teacher's decoder
+    Masked pretraining trains the ViT (patch embedding, position table, blocks) and the decoder;
+    the neck trains only in the alignment stage. Typical use::
+
+        targets = teacher_embeddings(teacher, images, cache)
+        distiller = SamiDistiller(student, SamiConfig(steps=200, align_steps=20))
+        report = distiller.fit(images, targets, progress=print)
+        model = distiller.result_model(teacher)  # student encoder, teacher's decoder
     """
 
     def __init__(self, student: EfficientSam, config: SamiConfig) -> None:
