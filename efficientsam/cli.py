@@ -254,14 +254,15 @@ def load_image_folder(folder: Path) -> list[np.ndarray]:
 
 
 def format_sami_metrics(before: dict[str, float], after: dict[str, float]) -> str:
-    """The held-out metrics as a text table: one row per metric, before / after / change."""
+    """The metrics (of the held-out images, else of the training images) as a text table: one
+    row per metric, before / after / change."""
     names = {
         "cosine": "per-token cosine",
         "centred_cosine": "centred cosine",
         "nmse": "normalised MSE",
         "mask_agreement": "mask agreement (IoU)",
     }
-    lines = [f"{'held-out metric':<22} {'before':>8} {'after':>8} {'change':>8}"]
+    lines = [f"{'metric':<22} {'before':>8} {'after':>8} {'change':>8}"]
     for key, label in names.items():
         change = after[key] - before[key]
         lines.append(f"{label:<22} {before[key]:>8.4f} {after[key]:>8.4f} {change:>+8.4f}")
