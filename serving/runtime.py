@@ -165,9 +165,9 @@ class ModelRuntime:
             torch.set_num_threads(self.settings.threads)
         keep_freed_memory_for_reuse()
         self.read_checkpoint()
-        tensors, self._checkpoint_tensors = self._checkpoint_tensors, None
-        model = model_from_state_dict(tensors, self.settings.device, source=self.checkpoint)
-        del tensors  # the model holds its own float32 copies
+        model = model_from_state_dict(
+            self._checkpoint_tensors, self.settings.device, source=self.checkpoint
+        )
         hot = InMemoryEmbeddingCache(self.settings.embedding_cache_bytes)
         if self.redis is not None:
             from serving.cache_redis import RedisEmbeddingCache, TieredEmbeddingCache
@@ -185,6 +185,8 @@ class ModelRuntime:
         self.base = ServedModel(
             self.base_version, Predictor(model, self.cache, self.settings.precision)
         )
+        # the model holds its own copies now; until here a failed load() is retried from them
+        self._checkpoint_tensors = None
         self.registry.publish_base(
             {
                 "version": self.base_version,
