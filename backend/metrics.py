@@ -75,6 +75,7 @@ class _TrainingCollector:
         "train_iou": "mask IoU on the training prompts (running mean)",
         "current_miou": "held-out mIoU (mean of 1-click, box, 3-click) of the version served",
         "candidate_miou": "held-out mIoU of the last candidate",
+        "agreement": "held-out mask IoU with the teacher of the last SAMI candidate",
     }
 
     def __init__(self, statuses: Callable[[], dict[str, dict]]) -> None:
@@ -92,13 +93,23 @@ class _TrainingCollector:
         running = GaugeMetricFamily(
             "backend_training_running", "1 while a fine-tune runs", labels=["project"]
         )
+        stage = GaugeMetricFamily(
+            "backend_training_stage",
+            "the running (or last) training run's mode (finetune, sami) and stage (sync, "
+            "images, sami, align, embed, train, evaluate, done): 1",
+            labels=["project", "mode", "stage"],
+        )
         for project, status in statuses.items():
             for name, family in families.items():
                 if isinstance(status.get(name), (int, float)):
                     family.add_metric([project], float(status[name]))
             running.add_metric([project], 1.0 if status.get("running") else 0.0)
+            if status.get("stage"):
+                labels = [project, str(status.get("mode") or "finetune"), str(status["stage"])]
+                stage.add_metric(labels, 1.0)
         yield from families.values()
         yield running
+        yield stage
 
 
 class _VersionErrorCollector:

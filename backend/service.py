@@ -27,7 +27,8 @@ from serving.requests import (
     autolabel_job_id,
     autolabel_request,
     segment_request,
-    submit_finetune,
+    submit_training,
+    train_mode,
 )
 from serving.settings import AUTOLABEL_MODES, Settings
 from serving.transports import Transport, TransportError, create_transport
@@ -209,8 +210,10 @@ class SegmentationService:
             if project is None:
                 raise ServiceError("START_TRAINING without a project id", 400)
             self.allow_control(action, project, source)
-            job = self._guard(submit_finetune, self.transport, project, "start_training")
-            return {"job": job, "status": "queued", "project": project}, 201
+            # the project's extra_params {"train_mode": "sami"}: a SAMI run, else the fine-tune
+            mode = train_mode(self._guard(self.transport.project_params, project))
+            job = self._guard(submit_training, self.transport, project, mode, "start_training")
+            return {"job": job, "status": "queued", "project": project, "mode": mode}, 201
         events, deleted = annotation_events(payload)
         if project is None or not (events or deleted):
             return {"status": "ignored", "action": action}, 200

@@ -32,6 +32,22 @@ def image_to_tensor(image: np.ndarray, device: torch.device | str = "cpu") -> to
     return tensor.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
 
 
+def input_pixels(image: np.ndarray, size: int = 1024) -> np.ndarray:
+    """HxWx3 uint8 RGB -> (size, size, 3) uint8: the image stretched as the model's
+    ``preprocess`` stretches it (bilinear, no antialias), rounded. Kept instead of the original,
+    a training image costs 3 MiB at most and the model's input differs by rounding only."""
+    import torch
+    import torch.nn.functional as F
+
+    tensor = image_to_tensor(image)
+    if tensor.shape[-2:] != (size, size):
+        tensor = F.interpolate(
+            tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=False
+        )
+    pixels = tensor.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+    return pixels[0].permute(1, 2, 0).contiguous().numpy()
+
+
 def bicubic_resize_matrix(in_size: int, out_size: int) -> torch.Tensor:
     """(out_size, in_size) float32 matrix M with ``M @ x`` = PyTorch's bicubic resize of x along
     its first axis (``F.interpolate(mode="bicubic", align_corners=False)``: cubic convolution with

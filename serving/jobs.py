@@ -30,6 +30,7 @@ from serving.requests import (
     HousekeepingResult,
     PrewarmRequest,
     PrewarmResult,
+    SamiRequest,
     SegmentRequest,
     parse_request,
 )
@@ -253,6 +254,20 @@ def finetune(payload: FinetuneRequest | dict, runtime: ModelRuntime | None = Non
     return run_finetune(runtime, request.project, request.trigger)
 
 
+def sami(payload: SamiRequest | dict, runtime: ModelRuntime | None = None) -> dict:
+    """SAMI in the product: the project's served model teaches a Ti student on the project's
+    images (masked pretraining on 25% of the tokens, then unmasked alignment), the decoder
+    fine-tune continues from the student on the project's annotations, and the result is
+    promoted (``...+p<project>-sami<n>``) only if it passes both held-out gates: mIoU against
+    the served model (``SAMI_MIOU_MARGIN``) and mask agreement with the teacher
+    (``SAMI_MIN_AGREEMENT``). Returns a summary like :func:`finetune`'s."""
+    request = parse_request(payload, SamiRequest)
+    runtime = _resolve(runtime)
+    from serving.sami_run import run_sami
+
+    return run_sami(runtime, request.project, request.trigger)
+
+
 # -- the table -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class JobSpec:
@@ -276,6 +291,7 @@ JOBS: dict[str, JobSpec] = {
     "autolabel": JobSpec(autolabel, AutolabelRequest, "batch"),
     "prewarm": JobSpec(prewarm, PrewarmRequest, "batch"),
     "finetune": JobSpec(finetune, FinetuneRequest, "train"),
+    "sami": JobSpec(sami, SamiRequest, "train"),
     "housekeeping": JobSpec(housekeeping, HousekeepingRequest, "batch"),
 }
 

@@ -46,6 +46,12 @@ class ProjectState(Protocol):
 
     def statuses(self) -> dict[str, dict]: ...
 
+    def mark_started(self, project: str, mode: str, when: float | None = None) -> None:
+        """A run of ``mode`` ("finetune", "sami") started at ``when`` (default now)."""
+
+    def last_started(self, project: str, mode: str) -> float | None:
+        """When the project's last run of ``mode`` started (epoch seconds), or None."""
+
 
 class MemoryProjectState:
     """The embedded server's store (lost on restart: LS keeps the annotations)."""
@@ -55,6 +61,7 @@ class MemoryProjectState:
         self._new: dict[str, set[int]] = {}
         self._running: dict[str, set[int]] = {}  # the ids a started run took
         self._status: dict[str, dict] = {}
+        self._started: dict[tuple[str, str], float] = {}
 
     def record(self, project: str, events: list[dict], deleted: list[int]) -> int:
         with self._lock:
@@ -96,6 +103,14 @@ class MemoryProjectState:
     def statuses(self) -> dict[str, dict]:
         with self._lock:
             return {project: dict(status) for project, status in self._status.items()}
+
+    def mark_started(self, project: str, mode: str, when: float | None = None) -> None:
+        with self._lock:
+            self._started[(project, mode)] = time.time() if when is None else when
+
+    def last_started(self, project: str, mode: str) -> float | None:
+        with self._lock:
+            return self._started.get((project, mode))
 
 
 class RedisProjectState:
@@ -155,3 +170,11 @@ class RedisProjectState:
 
     def statuses(self) -> dict[str, dict]:
         return {project: self.status(project) for project in self.projects()}
+
+    def mark_started(self, project: str, mode: str, when: float | None = None) -> None:
+        when = time.time() if when is None else when
+        self.connection.set(self._key(project, f"started:{mode}"), repr(float(when)))
+
+    def last_started(self, project: str, mode: str) -> float | None:
+        raw = self.connection.get(self._key(project, f"started:{mode}"))
+        return float(raw) if raw else None

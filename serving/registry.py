@@ -40,10 +40,12 @@ class RegistryError(ValueError):
     """An unknown project or version, or a version that belongs to another project/base."""
 
 
-def fine_tune_version(base_version: str, project: str, number: int) -> str:
-    """``<base>+p<project>-ft<number>``, e.g. ``efficientsam-ti-1a2b3c4d+p7-ft2`` (base:
-    ``serving.runtime.checkpoint_version``; number: :meth:`ModelRegistry.store_version`)."""
-    return f"{base_version}+p{project}-ft{number}"
+def fine_tune_version(base_version: str, project: str, number: int, kind: str = "ft") -> str:
+    """``<weights>+p<project>-<kind><number>``, e.g. ``efficientsam-ti-1a2b3c4d+p7-ft2`` (a
+    fine-tune of that base) or ``efficientsam-ti-5e6f7a8b+p7-sami1`` (a SAMI model: the weights'
+    own version, ``serving.runtime.checkpoint_version``; number:
+    :meth:`ModelRegistry.store_version`)."""
+    return f"{base_version}+p{project}-{kind}{number}"
 
 
 @dataclass(frozen=True)
@@ -224,15 +226,29 @@ class ModelRegistry:
         is updated after the disk."""
         return self._update(project, lambda state: (event, current))
 
-    def store_version(self, project: str, base_version: str, tensors: dict, metadata: dict) -> str:
+    def store_version(
+        self,
+        project: str,
+        base_version: str,
+        tensors: dict,
+        metadata: dict,
+        kind: str = "ft",
+        weights_version: str | None = None,
+    ) -> str:
         """Write a fine-tune's changed tensors as the project's next version (``...+p<id>-ft<n>``,
-        n = promotions so far + 1, or the next free number) and return its name. Metadata values
+        n = 1 + the highest n of the project's stored versions of that kind, or the next free
+        number) and return its name. Metadata values
         are stored as JSON. Written to a temporary file, then linked to its name exclusively
         (``os.link`` fails on an existing name): a crash never leaves half a version, and a
-        second run (another process) never overwrites a stored version, it takes the next n."""
+        second run (another process) never overwrites a stored version, it takes the next n.
+
+        A standalone version (metadata ``standalone``: the file holds the whole model, e.g. a
+        SAMI student, :meth:`version_info`) is named after its own weights (``weights_version``);
+        ``kind`` is ``ft`` or ``sami``, each numbered on its own."""
         from safetensors.torch import save_file
 
-        number = int(self.version_history(project).get("promoted", 0)) + 1
+        number = self._next_number(project, kind)
+        name_base = weights_version or base_version
         self.versions_dir.mkdir(parents=True, exist_ok=True)
         header = {key: json.dumps(value) for key, value in metadata.items()}
         header.update({"base": json.dumps(base_version), "project": json.dumps(str(project))})
@@ -240,7 +256,7 @@ class ModelRegistry:
             temporary = Path(folder) / "version.safetensors"
             tensors = {k: v.contiguous() for k, v in tensors.items()}
             while True:
-                version = fine_tune_version(base_version, project, number)
+                version = fine_tune_version(name_base, project, number, kind)
                 path = self.version_path(version)
                 if not path.exists():  # the version name is in the header: write per name
                     save_file(tensors, str(temporary), {**header, "version": json.dumps(version)})
@@ -251,6 +267,16 @@ class ModelRegistry:
                         pass
                     temporary.unlink()
                 number += 1
+
+    def _next_number(self, project: str, kind: str) -> int:
+        """1 + the highest n of the project's stored ``...+p<project>-<kind><n>`` versions."""
+        pattern = re.compile(rf"\+p{re.escape(str(project))}-{re.escape(kind)}(\d+)$")
+        numbers = [
+            int(match.group(1))
+            for path in self.versions_dir.glob(f"*+p{project}-{kind}*.safetensors")
+            if (match := pattern.search(path.name[: -len(".safetensors")]))
+        ]
+        return max(numbers, default=0) + 1
 
     def promote(self, project: str, version: str, details: dict | None = None) -> dict:
         info = self.version_info(version)

@@ -144,6 +144,13 @@ class FinetuneRequest(Contract, kw_only=True):
     trigger: str = "manual"  # why (recorded in the run's history)
 
 
+class SamiRequest(Contract, kw_only=True):
+    """A project's SAMI run: the served model teaches a Ti student, then the fine-tune."""
+
+    project: str
+    trigger: str = "manual"  # why (recorded in the run's history)
+
+
 class HousekeepingRequest(Contract, kw_only=True):
     """Periodic upkeep: expired shared-cache entries pruned, the registry re-published."""
 
@@ -250,6 +257,38 @@ def submit_finetune(submitter: Submitter, project: str, trigger: str) -> str | N
         False,
         f"fine-tune project {project}",
     )
+
+
+TRAIN_MODES = ("finetune", "sami")  # a project's "train_mode" (extra_params); the first: default
+
+
+def sami_job_id(project: str) -> str:
+    """At most one SAMI run per project queued or running."""
+    return f"sami-p{project}"
+
+
+def submit_sami(submitter: Submitter, project: str, trigger: str) -> str | None:
+    """Queue the project's SAMI run on ``train`` (or find it already queued or running)."""
+    return submitter.submit(
+        "sami",
+        SamiRequest(project=project, trigger=trigger),
+        sami_job_id(project),
+        False,
+        f"SAMI run of project {project}",
+    )
+
+
+def train_mode(params: dict) -> str:
+    """The project's training mode from its ``extra_params`` (``{"train_mode": "sami"}``);
+    anything else is the decoder fine-tune."""
+    mode = params.get("train_mode") if isinstance(params, dict) else None
+    return mode if mode in TRAIN_MODES else TRAIN_MODES[0]
+
+
+def submit_training(submitter: Submitter, project: str, mode: str, trigger: str) -> str | None:
+    """Queue the project's training run of ``mode`` (:data:`TRAIN_MODES`); the job id."""
+    submit = submit_sami if mode == "sami" else submit_finetune
+    return submit(submitter, project, trigger)
 
 
 def autolabel_job_id(project: str | None, task_id: object, version: str) -> str:

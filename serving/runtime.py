@@ -83,10 +83,14 @@ def checkpoint_version(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 @dataclass(frozen=True)
 class ServedModel:
-    """The model a project is served with: its version string and a predictor on it."""
+    """The model a project is served with: its version string and a predictor on it.
+    ``standalone``: a version whose file holds the whole model (a SAMI student: its encoder is
+    not the base's variant), not tensors swapped into the base; ``metadata``: the version's."""
 
     version: str
     predictor: Predictor
+    standalone: bool = False
+    metadata: Mapping[str, object] | None = None
 
 
 @dataclass(frozen=True)
@@ -270,10 +274,19 @@ class ModelRuntime:
                 f"version {info.version} was trained from {info.metadata.get('base')}, "
                 f"but this worker serves {self.base_version}"
             )
-        tensors = load_file(str(info.path), device=str(self.base.predictor.model.device))
-        model = derived_model(self.base.predictor.model, tensors)
-        logger.info("loaded %s (%d tensors replaced)", info.version, len(tensors))
-        return ServedModel(info.version, Predictor(model, self.cache, self.settings.precision))
+        device = self.base.predictor.model.device
+        tensors = load_file(str(info.path), device=str(device))
+        standalone = bool(info.metadata.get("standalone"))
+        if standalone:  # the whole model (e.g. a SAMI student): built from the file alone
+            from efficientsam.build import model_from_state_dict
+
+            model = model_from_state_dict(tensors, device, source=info.path)
+            logger.info("loaded %s (standalone, %d tensors)", info.version, len(tensors))
+        else:
+            model = derived_model(self.base.predictor.model, tensors)
+            logger.info("loaded %s (%d tensors replaced)", info.version, len(tensors))
+        predictor = Predictor(model, self.cache, self.settings.precision)
+        return ServedModel(info.version, predictor, standalone, info.metadata)
 
     def republish(self) -> bool:
         """Re-publish the registry to Redis when Redis lost it (a restart); True if it did."""

@@ -292,6 +292,37 @@ class Settings:
         help="how often `python -m worker cron` looks at the projects",
     )
 
+    # -- SAMI (the served model teaches a Ti student on the project's images, then fine-tune)
+    sami_student: Path | None = setting(
+        None,
+        "SAMI_STUDENT",
+        help="Ti checkpoint the SAMI student starts from; unset: the served Ti, else "
+        "efficient_sam_vitt.pt in MODEL_DIR, else random weights",
+    )
+    sami_steps: int = setting(
+        400, "SAMI_STEPS", help="SAMI masked-pretraining steps (SAMI_BATCH_SIZE images each)"
+    )
+    sami_align_steps: int = setting(
+        100, "SAMI_ALIGN_STEPS", help="unmasked alignment steps after the masked pretraining"
+    )
+    sami_batch_size: int = setting(2, "SAMI_BATCH_SIZE", help="images per SAMI step")
+    sami_mask_ratio: float = setting(
+        0.75, "SAMI_MASK_RATIO", help="share of the image tokens hidden from the student"
+    )
+    sami_max_images: int = setting(
+        200, "SAMI_MAX_IMAGES", help="the project's newest task images a SAMI run learns from"
+    )
+    sami_min_agreement: float = setting(
+        0.9,
+        "SAMI_MIN_AGREEMENT",
+        help="held-out mask IoU with the teacher a SAMI candidate needs to be promoted",
+    )
+    sami_miou_margin: float = setting(
+        -0.02,
+        "SAMI_MIOU_MARGIN",
+        help="held-out mIoU a SAMI candidate may lose (< 0) against the served model",
+    )
+
     @property
     def basic_auth_enabled(self) -> bool:
         return bool(self.basic_auth_user or self.basic_auth_pass)
@@ -345,6 +376,10 @@ class Settings:
             raise ValueError(f"TRAIN_FROM must be current or base: {self.train_from}")
         if not 0 < self.train_held_out_fraction < 1:
             raise ValueError("TRAIN_HELD_OUT_FRACTION must be between 0 and 1")
+        if not 0 < self.sami_mask_ratio < 1:
+            raise ValueError("SAMI_MASK_RATIO must be between 0 and 1")
+        if self.sami_steps < 0 or self.sami_align_steps < 0:
+            raise ValueError("SAMI_STEPS and SAMI_ALIGN_STEPS must be >= 0")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             scheme = self.redis_url.split("://", 1)[0] if "://" in self.redis_url else "no scheme"
             raise ValueError(f"REDIS_URL must be redis://, rediss:// or unix://, got {scheme}")
@@ -400,6 +435,8 @@ POSITIVE = (
     "result_ttl_seconds",
     "failure_ttl_seconds",
     "housekeeping_seconds",
+    "sami_batch_size",
+    "sami_max_images",
 )
 
 

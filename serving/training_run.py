@@ -15,6 +15,7 @@ import redis
 from serving.labelstudio.annotations import snapshot_hash, sync_annotations
 from serving.labelstudio.images import ImageError
 from serving.labelstudio.label_config import parse_label_config
+from serving.runtime import checkpoint_version
 
 if TYPE_CHECKING:
     from serving.runtime import ModelRuntime
@@ -90,14 +91,23 @@ class Progress:
     """Reports a run's stage and numbers to the RQ job's meta, the project state (/metrics) and
     the log (every stage change; training every few steps)."""
 
-    def __init__(self, runtime: ModelRuntime, project: str) -> None:
+    def __init__(self, runtime: ModelRuntime, project: str, mode: str = "finetune") -> None:
         from rq import get_current_job
 
         self.runtime = runtime
         self.project = project
         self.job = get_current_job()
-        self.status: dict = {"running": True, "stage": "starting", "started": time.time()}
+        self.status: dict = {
+            "running": True,
+            "mode": mode,
+            "stage": "starting",
+            "started": time.time(),
+        }
         self._last_log = 0.0
+        try:  # when each mode last ran: the periodic SAMI trigger reads it (worker/schedule.py)
+            runtime.project_state.mark_started(project, mode)
+        except redis.RedisError as error:
+            logger.warning("project %s: start not recorded (Redis): %s", project, error)
 
     def __call__(self, stage: str, **values) -> None:
         changed = stage != self.status.get("stage")
@@ -149,23 +159,9 @@ def run_finetune(runtime: ModelRuntime, project: str, trigger: str) -> dict:
     for entry in skipped:
         logger.warning("project %s: task %s skipped: %s", project, entry["task"], entry["reason"])
     masks = sum(len(t.masks) for t in tasks)
-    if len(tasks) < max(2, settings.train_min_tasks):
-        reason = (
-            f"{len(tasks)} annotated task(s) with masks, {settings.train_min_tasks} needed "
-            "(brush, bitmask or polygon regions; rectangles are not used)"
-        )
-        runtime.registry.record(
-            project,
-            {
-                "event": "skipped",
-                "reason": reason,
-                "trigger": trigger,
-                "skipped_tasks": _skips(skipped),
-            },
-        )
-        runtime.project_state.training_succeeded(project)
-        progress.finish(result="skipped", reason=reason)
-        return {"project": project, "status": "skipped", "reason": reason}
+    too_few = skip_if_too_few_tasks(runtime, project, trigger, len(tasks), skipped, progress)
+    if too_few is not None:
+        return too_few
     train_ids, held_out_ids = split_by_task(
         [str(t.task_id) for t in tasks], settings.train_held_out_fraction, seed=0
     )
@@ -229,7 +225,9 @@ def run_finetune(runtime: ModelRuntime, project: str, trigger: str) -> dict:
         """Held-out means of a served version; its own encoder runs on the pixels when it is
         not the one whose embeddings were stored."""
         same_encoder = served.predictor.encoder_fingerprint == start.predictor.encoder_fingerprint
-        return _summary(evaluate(served.predictor.model, held_out, encode_images=not same_encoder))
+        return metrics_summary(
+            evaluate(served.predictor.model, held_out, encode_images=not same_encoder)
+        )
 
     current_metrics = served_metrics(current)
     # after earlier promotions: the released weights too, on the same prompts
@@ -237,7 +235,9 @@ def run_finetune(runtime: ModelRuntime, project: str, trigger: str) -> dict:
         current_metrics if current.version == runtime.base.version else served_metrics(runtime.base)
     )
     encoder_trained = any(key.startswith("image_encoder.") for key in changed)
-    candidate_metrics = _summary(evaluate(tuner.model, held_out, encode_images=encoder_trained))
+    candidate_metrics = metrics_summary(
+        evaluate(tuner.model, held_out, encode_images=encoder_trained)
+    )
     current_score, candidate_score = (
         held_out_score(current_metrics),
         held_out_score(candidate_metrics),
@@ -251,7 +251,7 @@ def run_finetune(runtime: ModelRuntime, project: str, trigger: str) -> dict:
         "data_snapshot": snapshot,
         "tasks": {"train": len(train_ids), "held_out": len(held_out_ids)},
         "masks": masks,
-        "skipped_tasks": _skips(skipped),
+        "skipped_tasks": skips_report(skipped),
         "metrics": {
             "base": base_metrics,
             "current": current_metrics,
@@ -260,18 +260,21 @@ def run_finetune(runtime: ModelRuntime, project: str, trigger: str) -> dict:
         "training": {"steps": report.steps, "seconds": round(report.seconds, 1)},
     }
     if promote:
+        metadata = {
+            "parent": current.version,
+            "data_snapshot": snapshot,
+            "metrics": details["metrics"],
+            "config": report.config,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "trained": sorted({key.split(".", 1)[0] for key in changed}),
+        }
+        weights_version = None
+        if start.standalone:  # from a SAMI student: the whole model, named after its weights
+            changed = {k: v.detach().cpu() for k, v in tuner.model.state_dict().items()}
+            metadata.update(standalone=True, teacher=(start.metadata or {}).get("teacher"))
+            weights_version = checkpoint_version(changed)
         version = runtime.registry.store_version(
-            project,
-            runtime.base_version,
-            changed,
-            {
-                "parent": current.version,
-                "data_snapshot": snapshot,
-                "metrics": details["metrics"],
-                "config": report.config,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "trained": sorted({key.split(".", 1)[0] for key in changed}),
-            },
+            project, runtime.base_version, changed, metadata, weights_version=weights_version
         )
         runtime.registry.promote(project, version, {**details, "reason": reason})
         result = {"status": "promoted", "version": version, "reason": reason}
@@ -291,11 +294,36 @@ def run_finetune(runtime: ModelRuntime, project: str, trigger: str) -> dict:
     return {"project": project, **result, **details, "seconds": round(seconds, 1)}
 
 
-def _skips(skipped: list[dict]) -> dict:
+def skip_if_too_few_tasks(
+    runtime: ModelRuntime,
+    project: str,
+    trigger: str,
+    annotated: int,
+    skipped: list[dict],
+    progress: Progress,
+) -> dict | None:
+    """With fewer than ``TRAIN_MIN_TASKS`` (and 2) annotated tasks the run is skipped: the
+    reason is recorded in the project's history, the trigger forgotten, and the summary
+    returned; else None."""
+    needed = runtime.settings.train_min_tasks
+    if annotated >= max(2, needed):
+        return None
+    reason = (
+        f"{annotated} annotated task(s) with masks, {needed} needed "
+        "(brush, bitmask or polygon regions; rectangles are not used)"
+    )
+    event = {"event": "skipped", "reason": reason, "trigger": trigger}
+    runtime.registry.record(project, {**event, "skipped_tasks": skips_report(skipped)})
+    runtime.project_state.training_succeeded(project)
+    progress.finish(result="skipped", reason=reason)
+    return {"project": project, "status": "skipped", "reason": reason}
+
+
+def skips_report(skipped: list[dict]) -> dict:
     """The report's ``skipped_tasks``: how many, and the first few with their reason."""
     return {"count": len(skipped), "tasks": skipped[:REPORTED_SKIPS]}
 
 
-def _summary(metrics: dict) -> dict:
+def metrics_summary(metrics: dict) -> dict:
     """The means and the count (not the per-mask records) for the history and the metadata."""
     return {key: value for key, value in metrics.items() if key != "masks"}

@@ -464,6 +464,16 @@ class QueueTransport:
             raise self._unavailable(error) from error
         return json.loads(raw) if raw else {}
 
+    def params_projects(self) -> list[str]:
+        """The projects whose ``extra_params`` are stored (LS's /setup)."""
+        import redis
+
+        try:
+            keys = self.connection.hkeys(self._params_key)
+        except redis.RedisError as error:
+            raise self._unavailable(error) from error
+        return [k.decode() if isinstance(k, bytes) else k for k in keys]
+
     def set_project_params(self, project: str | None, params: dict) -> None:
         import json
 

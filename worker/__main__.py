@@ -7,6 +7,7 @@
     python -m worker autolabel --project P [--mode auto] [--no-wait]        batch-predict a project
     python -m worker prewarm --project P                                    embeddings of a project
     python -m worker finetune --project P [--no-wait]                       fine-tune, progress bar
+    python -m worker sami --project P [--no-wait]                           SAMI run, progress bar
     python -m worker versions [--project P]                                 model versions
     python -m worker rollback --project P [--to VERSION|base]               serve another version
 
@@ -24,7 +25,17 @@ import time
 
 from serving.settings import Settings, add_options, env_help
 
-COMMANDS = ("work", "cron", "status", "autolabel", "prewarm", "finetune", "versions", "rollback")
+COMMANDS = (
+    "work",
+    "cron",
+    "status",
+    "autolabel",
+    "prewarm",
+    "finetune",
+    "sami",
+    "versions",
+    "rollback",
+)
 logger = logging.getLogger("worker")
 # Settings with a flag (``--model-dir`` for model_dir, ...); the others come from env only.
 OPTIONS = ("redis_url", "queues", "checkpoint", "model_dir", "device", "precision", "log_level")
@@ -149,20 +160,23 @@ def autolabel(settings: Settings, args: argparse.Namespace, function: str) -> in
 
 
 def finetune(settings: Settings, args: argparse.Namespace) -> int:
-    """Queue a project's fine-tune (as "Start training" does) and follow it on a progress bar."""
-    from serving.requests import submit_finetune
+    """Queue a project's training run (as "Start training" does: ``finetune``, or ``sami``)
+    and follow it on a progress bar."""
+    from serving.requests import submit_training
     from serving.transports import QueueTransport
     from worker.operations import follow_training
 
+    mode = "sami" if args.command == "sami" else "finetune"
     if args.project is None:
-        raise SystemExit("worker: error: finetune needs --project")
+        raise SystemExit(f"worker: error: {args.command} needs --project")
     project = str(args.project)
     transport = QueueTransport(settings)
-    job_id = submit_finetune(transport, project, "command line")
-    print(f"fine-tune of project {project}: job {job_id}")
+    job_id = submit_training(transport, project, mode, "command line")
+    what = "SAMI run" if mode == "sami" else "fine-tune"
+    print(f"{what} of project {project}: job {job_id}")
     if args.no_wait:
         return 0
-    result = follow_training(transport.connection, job_id)
+    result = follow_training(transport.connection, job_id, description=what)
     print(json.dumps(result, indent=2, default=str))
     return 0 if result.get("status") in ("promoted", "rejected", "skipped") else 1
 
@@ -218,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         "cron": cron,
         "status": status,
         "finetune": finetune,
+        "sami": finetune,
         "versions": versions,
         "rollback": rollback,
     }

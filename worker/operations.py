@@ -145,20 +145,32 @@ def wait_for_jobs(connection: Redis, job_ids: list[str], description: str) -> di
     return failed
 
 
-def follow_training(connection: Redis, job_id: str, poll_seconds: float = 1.0) -> dict:
-    """Progress bar of a fine-tune job (its meta: stage, step/steps, loss) until it ends; returns
-    its result (or ``{"status": "failed", "reason": ...}``)."""
+def follow_training(
+    connection: Redis, job_id: str, poll_seconds: float = 1.0, description: str = "fine-tune"
+) -> dict:
+    """Progress bar of a training job (its meta: stage, step/steps, loss) until it ends, one bar
+    per stage (a SAMI run: images, sami, align, train); returns its result (or ``{"status":
+    "failed", "reason": ...}``)."""
     from rq.job import Job, JobStatus
     from tqdm import tqdm
 
     job = Job.fetch(job_id, connection=connection, serializer=JobSerializer)
-    with tqdm(desc="fine-tune", unit="step") as bar:
+    stage = None
+    bar = tqdm(desc=description, unit="step")
+    try:
         while True:
             state = job.get_status()
             meta = job.get_meta()
-            if meta.get("steps"):
-                bar.total = int(meta["steps"])
-                bar.n = int(meta.get("step", 0))
+            if meta.get("stage") != stage and meta.get("stage") in ("images", "sami", "align"):
+                stage = meta.get("stage")
+                bar.close()
+                bar = tqdm(
+                    desc=f"{description}: {stage}", unit="image" if stage == "images" else "step"
+                )
+            total = meta.get("steps") or meta.get("total")
+            if total:
+                bar.total = int(total)
+                bar.n = int(meta.get("step", meta.get("done", 0)))
             bar.set_postfix(
                 stage=meta.get("stage"),
                 loss=round(float(meta.get("loss", 0.0)), 4),
@@ -172,3 +184,5 @@ def follow_training(connection: Redis, job_id: str, poll_seconds: float = 1.0) -
                 lines = (result.exc_string or "").strip().splitlines() if result else []
                 return {"status": "failed", "reason": lines[-1] if lines else str(state)}
             time.sleep(poll_seconds)
+    finally:
+        bar.close()

@@ -4,6 +4,7 @@ the training check, which the cron process runs itself (it needs Redis, not a mo
 from __future__ import annotations
 
 import logging
+import time
 
 import msgspec
 from redis import Redis
@@ -13,8 +14,7 @@ from rq.defaults import DEFAULT_CRON_JOB_HISTORY_LIMIT, DEFAULT_CRON_JOB_HISTORY
 from rq.job import Job
 
 from serving.jobs import JOBS
-from serving.projects import ProjectState
-from serving.requests import HousekeepingRequest, Submitter, submit_finetune
+from serving.requests import HousekeepingRequest, submit_sami, submit_training, train_mode
 from serving.serialization import JobSerializer
 from serving.settings import Settings
 from serving.transports import QueueTransport
@@ -74,26 +74,41 @@ class JsonCronScheduler(CronScheduler):
         return cron_job
 
 
-def queue_due_finetunes(
-    project_state: ProjectState, submitter: Submitter, threshold: int
+def queue_due_training(
+    transport: QueueTransport, threshold: int, now: float | None = None
 ) -> dict[str, str | None]:
-    """Queue a fine-tune for every project with at least ``threshold`` annotations saved since
-    its last run (one already queued or running is not queued again); project -> job id."""
+    """Queue a training run for every project with at least ``threshold`` annotations saved
+    since its last run: the project's ``train_mode`` (its ``extra_params``: ``finetune``, the
+    default, or ``sami``). A project whose params hold ``sami_every_hours`` > 0 also gets a
+    SAMI run when its last one started longer ago than that (or never ran): SAMI learns from
+    new images, annotated or not. A run already queued or running is not queued again.
+    Returns project -> job id."""
+    now = time.time() if now is None else now
+    state = transport.project_state
     queued = {}
-    for project in project_state.projects():
-        count = project_state.new_annotations(project)
+    for project in sorted(set(state.projects()) | set(transport.params_projects()), key=int):
+        params = transport.project_params(project)
+        count = state.new_annotations(project)
         if count >= threshold:
-            queued[project] = submit_finetune(submitter, project, f"{count} new annotations")
+            mode = train_mode(params)
+            queued[project] = submit_training(transport, project, mode, f"{count} new annotations")
+            continue
+        hours = params.get("sami_every_hours")
+        if isinstance(hours, (int, float)) and not isinstance(hours, bool) and hours > 0:
+            last = state.last_started(project, "sami")
+            if last is None or now - last >= hours * 3600:
+                queued[project] = submit_sami(transport, project, f"every {hours} h")
     if queued:
-        logger.info("queued fine-tunes for projects %s", ", ".join(queued))
+        logger.info("queued training runs for projects %s", ", ".join(queued))
     return queued
 
 
 def register_periodic_jobs(scheduler: JsonCronScheduler, settings: Settings) -> None:
     """``housekeeping`` every ``HOUSEKEEPING_SECONDS`` (a job on its queue, ``batch``):
     shared-cache index pruning and a re-publish of the model registry if Redis lost it. The
-    training check every ``TRAIN_CHECK_SECONDS``, in this process: a fine-tune on ``train`` for
-    each project with ``TRAIN_MIN_NEW_ANNOTATIONS`` new annotations."""
+    training check every ``TRAIN_CHECK_SECONDS``, in this process: a run on ``train`` for each
+    project with ``TRAIN_MIN_NEW_ANNOTATIONS`` new annotations, and SAMI runs every
+    ``sami_every_hours`` where a project asks for them (:func:`queue_due_training`)."""
     housekeeping = JOBS["housekeeping"]
     scheduler.register(
         housekeeping.function,
@@ -105,8 +120,8 @@ def register_periodic_jobs(scheduler: JsonCronScheduler, settings: Settings) -> 
     )
     transport = QueueTransport(settings)
     scheduler.register_in_process(
-        queue_due_finetunes,
+        queue_due_training,
         settings.train_check_seconds,
         "schedule-training",
-        (transport.project_state, transport, settings.train_min_new_annotations),
+        (transport, settings.train_min_new_annotations),
     )

@@ -457,7 +457,7 @@ def held_out_metrics(
     seed: int = 0,
 ) -> dict[str, float]:
     """:func:`embedding_metrics` of ``encoder``'s embeddings of ``images`` against the teacher's
-    ``targets``, plus ``mask_agreement``: mean IoU of the served masks the teacher's decoder
+    ``targets`` (any float dtype, e.g. float16 as a run keeps them), plus ``mask_agreement``: mean IoU of the served masks the teacher's decoder
     gives from teacher vs student embeddings, same prompts (:func:`agreement_prompts`)."""
     teacher = teacher.eval()
     encoder_was_training = encoder.training
@@ -474,12 +474,12 @@ def held_out_metrics(
             points, boxes = agreement_prompts(size, seed)
             mine = _served_low_res_masks(teacher, student, size, points, boxes)
             reference = _served_low_res_masks(
-                teacher, target.to(teacher.device), size, points, boxes
+                teacher, target.to(teacher.device, torch.float32), size, points, boxes
             )
             ious += [mask_iou(a, b) for a, b in zip(mine, reference, strict=True)]
     finally:
         encoder.train(encoder_was_training)
-    metrics = embedding_metrics(torch.cat(students), torch.cat([t.cpu() for t in targets]))
+    metrics = embedding_metrics(torch.cat(students), torch.cat([t.cpu().float() for t in targets]))
     metrics["mask_agreement"] = float(np.mean(ious))
     return metrics
 

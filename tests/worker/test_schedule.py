@@ -10,7 +10,7 @@ from serving.serialization import JobSerializer
 from serving.settings import Settings
 from serving.transports import QueueTransport
 from tests.redis_fixtures import wait_until
-from worker.schedule import JsonCronScheduler, queue_due_finetunes, register_periodic_jobs
+from worker.schedule import JsonCronScheduler, queue_due_training, register_periodic_jobs
 
 
 def record(state: RedisProjectState, counts: dict[str, int]) -> None:
@@ -29,13 +29,42 @@ def test_the_check_queues_one_finetune_per_project_over_the_threshold(redis_conn
     threshold none, and a second check while the first is queued adds nothing."""
     transport = QueueTransport(Settings.from_env({}, redis_url=redis_url))
     record(transport.project_state, {"3": 3, "4": 2})
-    assert queue_due_finetunes(transport.project_state, transport, 3) == {"3": "finetune-p3"}
-    assert queue_due_finetunes(transport.project_state, transport, 3) == {"3": "finetune-p3"}
+    assert queue_due_training(transport, 3) == {"3": "finetune-p3"}
+    assert queue_due_training(transport, 3) == {"3": "finetune-p3"}
     queue = Queue("train", connection=redis_connection, serializer=JobSerializer)
     assert queue.job_ids == ["finetune-p3"]
     job = queue.fetch_job("finetune-p3")
     assert job.func_name == "serving.jobs.finetune"
     assert job.args[0] == {"project": "3", "trigger": "3 new annotations"}
+    transport.close()
+
+
+def test_a_sami_project_gets_sami_runs_on_annotations_and_every_n_hours(
+    redis_connection, redis_url
+):
+    """``train_mode: sami`` turns the annotation trigger into a SAMI run; ``sami_every_hours``
+    queues one when the last SAMI run started longer ago (or never), not before."""
+    transport = QueueTransport(Settings.from_env({}, redis_url=redis_url))
+    transport.set_project_params("3", {"train_mode": "sami"})
+    transport.set_project_params("4", {"train_mode": "sami", "sami_every_hours": 24})
+    transport.set_project_params("5", {"sami_every_hours": "24"})  # not a number: no timer
+    record(transport.project_state, {"3": 3})
+    state = transport.project_state
+    state.mark_started("4", "sami", when=1_000_000.0)
+    now = 1_000_000.0 + 23 * 3600
+    assert queue_due_training(transport, 3, now=now) == {"3": "sami-p3"}
+    queue = Queue("train", connection=redis_connection, serializer=JobSerializer)
+    job = queue.fetch_job("sami-p3")
+    assert job.func_name == "serving.jobs.sami"
+    assert job.args[0] == {"project": "3", "trigger": "3 new annotations"}
+    assert queue_due_training(transport, 3, now=now + 3600) == {
+        "3": "sami-p3",
+        "4": "sami-p4",
+    }
+    assert queue.fetch_job("sami-p4").args[0]["trigger"] == "every 24 h"
+    state.mark_started("4", "sami", when=now + 3600)
+    queue.empty()
+    assert queue_due_training(transport, 3, now=now + 7200) == {"3": "sami-p3"}
     transport.close()
 
 
