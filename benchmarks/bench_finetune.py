@@ -82,20 +82,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def config_overrides(assignments: list[str]) -> dict:
-    """``["warmup_steps=0", "grad_clip_norm=none"]`` -> TrainingConfig keyword arguments, each
-    value parsed as the field's default type (``none`` for None, true/false for booleans)."""
-    defaults = asdict(TrainingConfig())
+def config_overrides(assignments: list[str], config_type: type = TrainingConfig) -> dict:
+    """``["warmup_steps=0", "grad_clip_norm=none"]`` -> ``config_type`` (a dataclass, default
+    TrainingConfig) keyword arguments, each value parsed as the field's default type (``none``
+    for None, true/false for booleans, comma-separated numbers for tuples)."""
+    defaults = asdict(config_type())
     overrides = {}
     for assignment in assignments:
         name, _, text = assignment.partition("=")
         if name not in defaults:
-            raise SystemExit(f"--set {assignment}: TrainingConfig has no field {name!r}")
+            raise SystemExit(f"--set {assignment}: {config_type.__name__} has no field {name!r}")
         default = defaults[name]
         if text.lower() == "none":
             overrides[name] = None
         elif isinstance(default, bool):
             overrides[name] = text.lower() in ("1", "true", "yes")
+        elif isinstance(default, tuple):
+            parts = text.split(",")
+            if len(parts) != len(default):
+                raise SystemExit(f"--set {assignment}: {name} takes {len(default)} values")
+            overrides[name] = tuple(type(v)(p) for v, p in zip(default, parts, strict=True))
         else:
             overrides[name] = type(default if default is not None else 0.0)(text)
     return overrides

@@ -413,19 +413,22 @@ def _peak_rss(variant: str, checkpoint: Path | None, baseline: bool, threads: in
     return round(json.loads(output.stdout.strip().splitlines()[-1])["peak_rss_bytes"] / 1024**3, 3)
 
 
-def machine_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (else the platform's processor or machine)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     return (
-        f"{cpu}, {torch.get_num_threads()} threads, "
+        f"{cpu_model()}, {torch.get_num_threads()} threads, "
         f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}"
     )
 

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.random_weights import random_state_dict
 from efficientsam import build_efficient_sam_s, load_model, save_checkpoint
 from efficientsam.modeling.efficient_sam import PIXEL_MEAN, PIXEL_STD
 from efficientsam.utils import image_to_tensor
-from tests.conftest import random_state_dict
 
 LOGIT_TOLERANCE = 1e-4
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.random_weights import random_state_dict
 from benchmarks.reference_model import reference_predict_masks
 from efficientsam import build_efficient_sam_ti
-from tests.conftest import random_state_dict
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks.random_weights import random_state_dict
 from benchmarks.synthetic import make_dataset
 from efficientsam import build_efficient_sam, load_model, save_checkpoint
 from efficientsam.checkpoint import read_checkpoint_metadata
@@ -22,7 +23,6 @@ from efficientsam.training.sami import (
     random_token_split,
     teacher_embeddings,
 )
-from tests.conftest import random_state_dict
 
 
 @pytest.fixture(scope="module")
