@@ -17,6 +17,10 @@ everything, fine-tune steps/s, queue hop; within a time budget, on CUDA or (smal
 5. queue_hop: ``bench_workers.queue_hop`` (a click job through RQ, JobSerializer and a real
    ``python -m worker`` process), with ``--redis-url`` or a private ``redis-server``; skipped
    with the reason when neither is there.
+6. sami: SAMI distillation of an S teacher into a Ti student with the paper-size decoder
+   (8 cross-attention blocks of width 512) at batch 32 (``efficientsam.training.sami``): the
+   teacher's embedding images/s, masked-pretraining and alignment steps/s and images/s, and
+   minutes per 1,000 images (teacher embeddings + one masked pass over them).
 
 Every timing is a median over repeats after warm-up, with ``torch.cuda.synchronize`` around
 each on CUDA. Weights are random (speed only). Writes the JSON to ``--out`` and the markdown
@@ -67,7 +71,7 @@ from efficientsam.utils import keep_freed_memory_for_reuse  # noqa: E402
 from serving.runtime import ModelRuntime  # noqa: E402
 from serving.settings import Settings  # noqa: E402
 
-FIGURES = ("encoder", "click", "everything", "finetune", "queue_hop")
+FIGURES = ("encoder", "click", "everything", "finetune", "sami", "queue_hop")
 NEEDS_SECONDS = {"queue_hop": 60.0}  # a worker process starts and loads the model
 VARIANTS = ("ti", "s")
 PRECISIONS = ("float32", "bfloat16", "float16")
@@ -91,6 +95,11 @@ class Plan:
     finetune_warmup: int = 5
     finetune_steps: int = 30
     hop_clicks: int = 60  # blocks of 10 (bench_workers.queue_hop)
+    sami_batch: int = 32  # images a SAMI step (the paper's scale: >= 32 on a GPU)
+    sami_align_batch: int = 8  # images an alignment step (the whole encoder, unmasked)
+    sami_decoder: tuple[int, int, int] = (8, 512, 16)  # depth, width, heads (the paper's)
+    sami_warmup: int = 2
+    sami_steps: int = 5
 
 
 FULL = Plan()
@@ -107,6 +116,11 @@ QUICK = Plan(
     finetune_warmup=1,
     finetune_steps=2,
     hop_clicks=20,
+    sami_batch=2,
+    sami_align_batch=1,
+    sami_decoder=(2, 256, 8),
+    sami_warmup=1,
+    sami_steps=1,
 )
 
 
@@ -496,6 +510,81 @@ def finetune_figure(bench: Bench) -> dict:
     }
 
 
+def sami_figure(bench: Bench) -> dict:
+    """SAMI at the paper's scale: S teacher (random weights) -> Ti student, one stage at a time
+    (the step times do not depend on the weights)."""
+    from benchmarks.random_weights import random_model
+    from benchmarks.synthetic import make_dataset
+    from efficientsam.training.sami import SamiConfig, SamiDistiller, teacher_embeddings
+
+    plan, device = bench.plan, bench.device
+    depth, width, heads = plan.sami_decoder
+    teacher = random_model("s", seed=1).to(device)
+    student = random_model("ti", seed=2).to(device)
+    count = max(plan.sami_batch, plan.sami_align_batch)
+    images = [s.image for s in make_dataset(count, seed=2, prefix="sami")]
+    synchronise(device)
+    started = time.perf_counter()
+    targets = teacher_embeddings(teacher, images)
+    synchronise(device)
+    teacher_per_s = len(images) / (time.perf_counter() - started)
+    result: dict = {
+        "teacher": "s",
+        "student": "ti",
+        "decoder": {"depth": depth, "width": width, "heads": heads},
+        "teacher_images_per_s": round(teacher_per_s, 3),
+    }
+    for stage, batch in (("sami", plan.sami_batch), ("align", plan.sami_align_batch)):
+        steps = plan.sami_warmup + plan.sami_steps
+        config = SamiConfig(
+            steps=steps if stage == "sami" else 0,
+            align_steps=steps if stage == "align" else 0,
+            batch_size=batch,
+            decoder_depth=depth,
+            decoder_width=width,
+            decoder_heads=heads,
+            warmup_steps=1,
+        )
+        ends: list[float] = []
+
+        def progress(entry: dict, ends: list[float] = ends) -> None:
+            synchronise(device)
+            ends.append(time.perf_counter())
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            SamiDistiller(student, config).fit(images, targets, progress=progress)
+        except torch.cuda.OutOfMemoryError as error:
+            result[stage] = {"batch": batch, "error": f"out of memory: {error}"[:300]}
+            torch.cuda.empty_cache()
+            continue
+        durations = np.diff(ends)[plan.sami_warmup - 1 :]
+        step = float(np.median(durations))
+        result[stage] = {
+            "batch": batch,
+            "repeats": len(durations),
+            "median_s": round(step, 4),
+            "steps_per_s": round(1 / step, 3),
+            "images_per_s": round(batch / step, 3),
+            "peak_gpu_memory_gib": (
+                round(torch.cuda.max_memory_allocated(device) / 1024**3, 2)
+                if device.type == "cuda"
+                else None
+            ),
+        }
+    if "images_per_s" in result.get("sami", {}):
+        seconds = 1000 / teacher_per_s + 1000 / result["sami"]["images_per_s"]
+        result["minutes_per_1000_images"] = round(seconds / 60, 2)
+    bench.notes["sami"] = (
+        "efficientsam.training.sami.SamiDistiller.fit, S teacher -> Ti student (random weights), "
+        f"decoder {depth} x {width} ({heads} heads), 75% of the tokens masked; per-step wall "
+        f"times after {plan.sami_warmup} warm-up step(s); minutes per 1,000 images = the "
+        "teacher's embeddings of 1,000 images + one masked-pretraining pass over them"
+    )
+    return result
+
+
 def queue_hop_figure(bench: Bench) -> dict:
     """``bench_workers.queue_hop`` against a real worker process, when Redis is there."""
     try:
@@ -546,6 +635,7 @@ FIGURE_FUNCTIONS: dict[str, Callable[[Bench], dict]] = {
     "everything": everything_figure,
     "finetune": finetune_figure,
     "queue_hop": queue_hop_figure,
+    "sami": sami_figure,
 }
 
 
@@ -624,6 +714,18 @@ def to_markdown(results: dict) -> str:
         lambda d: d,
         lambda e: f"{e['steps_per_s']:.2f} steps/s",
     )
+    sami = figures.get("sami", {})
+    for stage, label in (("sami", "masked pretraining"), ("align", "alignment")):
+        entry = sami.get(stage) if "skipped" not in sami and "error" not in sami else sami
+        text = _cell(entry, lambda e: f"{e['images_per_s']:.2f} images/s (batch {e['batch']})")
+        lines.append(
+            f"| SAMI {label}, S teacher -> Ti student | {text} |" + " |" * (len(variants) - 1)
+        )
+    if sami.get("minutes_per_1000_images") is not None:
+        lines.append(
+            f"| SAMI minutes per 1,000 images (teacher + one masked pass) | "
+            f"{sami['minutes_per_1000_images']:.1f} |" + " |" * (len(variants) - 1)
+        )
     row(
         "queue hop (click job through RQ minus the job), median",
         "queue_hop",

@@ -281,12 +281,25 @@ class ModelRuntime:
             from efficientsam.build import model_from_state_dict
 
             model = model_from_state_dict(tensors, device, source=info.path)
+            self.yield_to_clicks([*model.image_encoder.blocks, model.mask_decoder])
             logger.info("loaded %s (standalone, %d tensors)", info.version, len(tensors))
         else:
             model = derived_model(self.base.predictor.model, tensors)
             logger.info("loaded %s (%d tensors replaced)", info.version, len(tensors))
         predictor = Predictor(model, self.cache, self.settings.precision)
         return ServedModel(info.version, predictor, standalone, info.metadata)
+
+    def yield_to_clicks(self, modules) -> None:
+        """Call :attr:`between_steps` before each of ``modules``' forward passes (torch
+        modules): in the embedded backend, background work and training on a model that is not
+        the base's (whose parts carry the same hooks) stand back for waiting clicks there too."""
+        between_steps = self.between_steps
+
+        def hook(module, args):  # a plain function: deep copies of the module share it
+            between_steps()
+
+        for module in modules:
+            module.register_forward_pre_hook(hook)
 
     def republish(self) -> bool:
         """Re-publish the registry to Redis when Redis lost it (a restart); True if it did."""

@@ -269,6 +269,7 @@ def run_sami(runtime: ModelRuntime, project: str, trigger: str) -> dict:
         seed=0,
     )
     distiller = SamiDistiller(student, sami_config)
+    runtime.yield_to_clicks([*distiller.encoder.blocks, *distiller.decoder.blocks])
     sami_report = distiller.fit(
         [images[i].pixels for i in distil_ids],
         [images[i].target for i in distil_ids],
@@ -277,6 +278,7 @@ def run_sami(runtime: ModelRuntime, project: str, trigger: str) -> dict:
         ),
     )
     distilled = distiller.result_model(teacher_model).to(teacher_model.device)
+    runtime.yield_to_clicks([*distilled.image_encoder.blocks, distilled.mask_decoder])
     del distiller
     progress("agreement", when="after", images=len(held_pixels))
     after = held_out_metrics(distilled.image_encoder, teacher_model, held_pixels, held_targets)

@@ -296,8 +296,9 @@ class Settings:
     sami_student: Path | None = setting(
         None,
         "SAMI_STUDENT",
-        help="Ti checkpoint the SAMI student starts from; unset: the served Ti, else "
-        "efficient_sam_vitt.pt in MODEL_DIR, else random weights",
+        help="Ti checkpoint a SAMI student starts from (a project served by a SAMI student "
+        "goes on from that); unset: the base if it is a Ti, else efficient_sam_vitt.pt in "
+        "MODEL_DIR, else random weights",
     )
     sami_steps: int = setting(
         400, "SAMI_STEPS", help="SAMI masked-pretraining steps (SAMI_BATCH_SIZE images each)"

@@ -273,6 +273,20 @@ def test_webhook_answers_at_once(client, server):
     assert 'backend_webhook_events_total{action="ANNOTATION_CREATED"} 3.0' in metrics
 
 
+def test_start_training_runs_sami_for_a_project_that_asks_for_it(client, server):
+    """``extra_params`` {"train_mode": "sami"} on /setup (LS sends the backend record's): the
+    project's "Start training" queues its SAMI run; another project keeps the fine-tune."""
+    server.api["/api/projects/2"] = {"id": 2}
+    server.api["/api/projects/4"] = {"id": 4}
+    setup = {"schema": BRUSH_CONFIG, "extra_params": {"train_mode": "sami"}}
+    assert client.post("/setup", json={**setup, "project": "2.1795532368"}).status_code == 200
+    sami = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 2}})
+    assert sami.status_code == 201
+    assert sami.json() == {"job": "sami-p2", "status": "queued", "project": "2", "mode": "sami"}
+    other = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 4}})
+    assert other.json()["job"] == "finetune-p4" and other.json()["mode"] == "finetune"
+
+
 def test_basic_auth_on_every_route(server):
     with _client(server, basic_auth_user="ml", basic_auth_pass="s3cret") as client:
         good = "Basic " + base64.b64encode(b"ml:s3cret").decode()

@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "benchmarks" / "bench_gpu.py"
-FIGURES = ("encoder", "click", "everything", "finetune", "queue_hop")
+FIGURES = ("encoder", "click", "everything", "finetune", "sami", "queue_hop")
 VARIANTS = ("ti", "s")
 
 
@@ -73,6 +73,12 @@ def test_quick_cpu_run_measures_every_figure(tmp_path, redis_url, redis_connecti
     assert finetune["batch"] == 4 and finetune["repeats"] == 2
     assert finetune["steps_per_s"] > 0 and finetune["trainable_parameters"] > 0
 
+    sami = figures["sami"]
+    assert sami["decoder"] == {"depth": 2, "width": 256, "heads": 8}  # --quick: a small one
+    assert sami["sami"]["batch"] == 2 and sami["align"]["batch"] == 1
+    assert sami["sami"]["images_per_s"] > 0 and sami["align"]["images_per_s"] > 0
+    assert sami["teacher_images_per_s"] > 0 and sami["minutes_per_1000_images"] > 0
+
     hop = figures["queue_hop"]["ti"]
     assert hop["clicks_counted"] == 18
     assert hop["through_rq_median_ms"] > hop["hop_overhead_median_ms"] > 0
@@ -82,6 +88,10 @@ def test_quick_cpu_run_measures_every_figure(tmp_path, redis_url, redis_connecti
     assert f"| encoder images/s, batch 1, float32 | {ti_images:g} |" in table
     assert f"{hop['hop_overhead_median_ms']:.1f} ms" in table
     assert "segment everything 8x8" in table and "steps/s" in table
+    assert (
+        f"| SAMI masked pretraining, S teacher -> Ti student | {sami['sami']['images_per_s']:.2f}"
+        in (table)
+    )
 
 
 def test_a_spent_budget_skips_every_figure_with_the_reason(tmp_path):

@@ -18,10 +18,11 @@ import httpx
 import pytest
 from PIL import Image
 
+from benchmarks.random_weights import random_state_dict
 from benchmarks.synthetic import make_dataset
 from efficientsam.build import build_efficient_sam
 from efficientsam.checkpoint import save_checkpoint
-from tests.conftest import TI_CHECKPOINT, random_state_dict
+from tests.conftest import TI_CHECKPOINT
 from tests.e2e.conftest import LABEL_CONFIG, ask, png, redis_deployment
 from tests.http_fixtures import brush, decode_brush
 

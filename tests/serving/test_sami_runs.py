@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.random_weights import random_state_dict
 from benchmarks.synthetic import make_dataset
 from efficientsam.build import build_efficient_sam, infer_variant
 from efficientsam.checkpoint import save_checkpoint
@@ -19,13 +20,14 @@ from serving import jobs
 from serving.runtime import ModelRuntime
 from serving.sami_run import plan_images, sami_decision
 from serving.settings import Settings
-from tests.conftest import TI_CHECKPOINT, random_state_dict
+from tests.conftest import TI_CHECKPOINT
 from tests.http_fixtures import BRUSH_CONFIG, LEGACY_TOKEN, brush
 from tests.worker.ls_api import LabelStudioApiServer
 
 FAST = {
-    "SAMI_STEPS": "3",
+    "SAMI_STEPS": "2",
     "SAMI_ALIGN_STEPS": "1",
+    "SAMI_BATCH_SIZE": "1",
     "TRAIN_STEPS": "2",
     "TRAIN_MIN_TASKS": "3",
     "TORCH_THREADS": "2",
@@ -86,15 +88,15 @@ def s_checkpoint(tmp_path_factory):
 
 @pytest.fixture
 def label_studio():
-    """Project 3: 6 annotated tasks (one object each, brush) and 3 without annotations."""
+    """Project 3: 5 annotated tasks (one object each, brush) and 2 without annotations."""
     server = LabelStudioApiServer()
     server.label_configs[3] = BRUSH_CONFIG
-    samples = make_dataset(9, seed=3, prefix="sami")
+    samples = make_dataset(7, seed=3, prefix="sami")
     for task_id, sample in enumerate(samples, start=1):
         path = f"/data/upload/3/{sample.image_id}.png"
         server.files[path] = png(sample.image)
         annotations = []
-        if task_id <= 6:
+        if task_id <= 5:
             items = [brush(mask) for mask in sample.masks]
             annotations = [
                 {"id": 1000 + task_id, "result": items, "updated_at": "2026-01-01T00:00:00Z"}
@@ -144,14 +146,15 @@ def test_a_sami_run_promotes_a_ti_version_that_serves_a_strict_gate_rejects_and_
         assert version.startswith("efficientsam-ti-") and version.endswith("+p3-sami1")
         assert result["teacher"] == base.version and base.version.startswith("efficientsam-s-")
         assert result["student_init"] == f"checkpoint {TI_CHECKPOINT.name}"
-        assert result["images"]["distil"] >= 5 and result["images"]["held_out"] >= 2
-        assert result["tasks"]["train"] + result["tasks"]["held_out"] == 6
+        assert result["images"]["distil"] >= 4 and result["images"]["held_out"] >= 1
+        assert result["images"]["distil"] + result["images"]["held_out"] == 7
+        assert result["tasks"]["train"] + result["tasks"]["held_out"] == 5
         for when in ("before", "after"):
             assert 0 <= result["agreement"][when]["mask_agreement"] <= 1
         info = runtime.registry.version_info(version)
         assert info.metadata["standalone"] is True and info.metadata["method"] == "sami"
         assert info.metadata["teacher"] == base.version
-        assert info.metadata["sami"]["steps"] == 3 and info.metadata["sami"]["align_steps"] == 1
+        assert info.metadata["sami"]["steps"] == 2 and info.metadata["sami"]["align_steps"] == 1
         assert info.metadata["trained"][0] == "image_encoder"
 
         served = runtime.served_model("3")
@@ -178,7 +181,9 @@ def test_a_sami_run_promotes_a_ti_version_that_serves_a_strict_gate_rejects_and_
         assert entry["timings"]["encoder"] > 0  # the student's own embedding, not the S's
 
         # the same worker, an agreement gate nothing passes (teacher embeddings: cached)
-        runtime.settings = runtime.settings.with_overrides(sami_min_agreement=1.01)
+        runtime.settings = runtime.settings.with_overrides(
+            sami_min_agreement=1.01, sami_steps=1, sami_align_steps=0
+        )
         rejected = jobs.sami({"project": "3", "trigger": "again"}, runtime=runtime)
         assert rejected["status"] == "rejected"
         assert "fails: >= 1.01 needed" in rejected["reason"]
