@@ -114,12 +114,10 @@ def test_start_training_in_sami_mode_promotes_a_ti_version_that_serves_clicks(
     deadline = time.monotonic() + 900
     while True:
         metrics = httpx.get(f"{deployment['url']}/metrics").text
-        stages |= set(
-            re.findall(
-                rf'backend_training_stage{{project="{project["id"]}",mode="sami",stage="(\w+)"}}',
-                metrics,
-            )
-        )
+        for line in metrics.splitlines():  # labels in any order
+            ours = 'mode="sami"' in line and f'project="{project["id"]}"' in line
+            if line.startswith("backend_training_stage{") and ours:
+                stages |= set(re.findall(r'stage="(\w+)"', line))
         record = label_studio.get(f"/api/ml/{project['ml']}").json()  # LS calls /setup
         if record["model_version"] != base:
             break

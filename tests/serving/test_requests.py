@@ -22,6 +22,7 @@ from serving.requests import (
     OutputSpec,
     PrewarmRequest,
     PromptSpec,
+    SamiRequest,
     SegmentRequest,
     TaskSpec,
     autolabel_request,
@@ -156,6 +157,7 @@ def test_the_table_checks_the_request_type_on_the_calling_side():
         "autolabel": AutolabelRequest,
         "prewarm": PrewarmRequest,
         "finetune": FinetuneRequest,
+        "sami": SamiRequest,
         "housekeeping": HousekeepingRequest,
     }
     assert job_spec("finetune", FinetuneRequest(project="1")).queue == "train"

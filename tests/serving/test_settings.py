@@ -150,7 +150,7 @@ def sample(name: str) -> tuple[str, object]:
         return str(default + 1), default + 1
     if isinstance(default, float):
         return str(default / 2), default / 2
-    if name in ("checkpoint", "model_dir"):
+    if name in ("checkpoint", "model_dir", "sami_student"):
         return "/somewhere/else", Path("/somewhere/else")
     return "x", "x"
 
