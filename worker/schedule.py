@@ -86,7 +86,8 @@ def queue_due_training(
     now = time.time() if now is None else now
     state = transport.project_state
     queued = {}
-    for project in sorted(set(state.projects()) | set(transport.params_projects()), key=int):
+    known = set(state.projects()) | set(transport.params_projects())
+    for project in sorted((p for p in known if p.isdigit()), key=int):  # not "None" params
         params = transport.project_params(project)
         count = state.new_annotations(project)
         if count >= threshold:

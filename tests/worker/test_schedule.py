@@ -48,6 +48,7 @@ def test_a_sami_project_gets_sami_runs_on_annotations_and_every_n_hours(
     transport.set_project_params("3", {"train_mode": "sami"})
     transport.set_project_params("4", {"train_mode": "sami", "sami_every_hours": 24})
     transport.set_project_params("5", {"sami_every_hours": "24"})  # not a number: no timer
+    transport.set_project_params(None, {"sami_every_hours": 1})  # a /setup without a project
     record(transport.project_state, {"3": 3})
     state = transport.project_state
     state.mark_started("4", "sami", when=1_000_000.0)
