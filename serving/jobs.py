@@ -265,7 +265,7 @@ def sami(payload: SamiRequest | dict, runtime: ModelRuntime | None = None) -> di
     runtime = _resolve(runtime)
     from serving.sami_run import run_sami
 
-    return run_sami(runtime, request.project, request.trigger)
+    return run_sami(runtime, request.project, request.trigger, request.takes_annotation_count)
 
 
 # -- the table -------------------------------------------------------------------------------------

@@ -40,6 +40,10 @@ class RegistryError(ValueError):
     """An unknown project or version, or a version that belongs to another project/base."""
 
 
+class StaleCandidate(RegistryError):
+    """A candidate measured against a version that is no longer the project's current one."""
+
+
 def fine_tune_version(base_version: str, project: str, number: int, kind: str = "ft") -> str:
     """``<weights>+p<project>-<kind><number>``, e.g. ``efficientsam-ti-1a2b3c4d+p7-ft2`` (a
     fine-tune of that base) or ``efficientsam-ti-5e6f7a8b+p7-sami1`` (a SAMI model: the weights'
@@ -278,12 +282,33 @@ class ModelRegistry:
         ]
         return max(numbers, default=0) + 1
 
-    def promote(self, project: str, version: str, details: dict | None = None) -> dict:
+    def promote(
+        self,
+        project: str,
+        version: str,
+        details: dict | None = None,
+        replacing: object = _UNCHANGED,
+    ) -> dict:
+        """Make ``version`` the project's current one. ``replacing``: the version (None: the
+        base) the candidate was measured against; if another process changed the project's
+        version meanwhile (two runs of one project on two train workers), nothing changes and
+        :class:`StaleCandidate` is raised: a candidate is never promoted over a version it was
+        not compared with."""
         info = self.version_info(version)
         if str(info.metadata.get("project")) != str(project):
             raise RegistryError(f"version {version} was not trained for project {project}")
         event = {"event": "promoted", "version": version, **(details or {})}
-        state = self.record(project, event, current=version)
+
+        def change(state: dict) -> tuple[dict, object]:
+            if replacing is not _UNCHANGED and state["current"] != replacing:
+                raise StaleCandidate(
+                    f"the project's version changed during the run (to "
+                    f"{state['current'] or 'the base model'}); {version} was measured against "
+                    f"{replacing or 'the base model'}"
+                )
+            return event, version
+
+        state = self._update(project, change)
         self.publish_versions([str(project)])
         return state
 

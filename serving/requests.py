@@ -149,6 +149,9 @@ class SamiRequest(Contract, kw_only=True):
 
     project: str
     trigger: str = "manual"  # why (recorded in the run's history)
+    # a run for the project's annotations (its train_mode is sami): it takes their count, as a
+    # fine-tune does; the timed trigger (sami_every_hours) leaves the count to the fine-tune
+    takes_annotation_count: bool = True
 
 
 class HousekeepingRequest(Contract, kw_only=True):
@@ -267,11 +270,15 @@ def sami_job_id(project: str) -> str:
     return f"sami-p{project}"
 
 
-def submit_sami(submitter: Submitter, project: str, trigger: str) -> str | None:
+def submit_sami(
+    submitter: Submitter, project: str, trigger: str, takes_annotation_count: bool = True
+) -> str | None:
     """Queue the project's SAMI run on ``train`` (or find it already queued or running)."""
     return submitter.submit(
         "sami",
-        SamiRequest(project=project, trigger=trigger),
+        SamiRequest(
+            project=project, trigger=trigger, takes_annotation_count=takes_annotation_count
+        ),
         sami_job_id(project),
         False,
         f"SAMI run of project {project}",

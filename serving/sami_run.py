@@ -27,6 +27,7 @@ from serving.training_run import (
     Progress,
     held_out_score,
     metrics_summary,
+    promote_unless_stale,
     skip_if_too_few_tasks,
     skips_report,
 )
@@ -176,7 +177,9 @@ class _Image:
     target: torch.Tensor | None
 
 
-def run_sami(runtime: ModelRuntime, project: str, trigger: str) -> dict:
+def run_sami(
+    runtime: ModelRuntime, project: str, trigger: str, takes_annotation_count: bool = True
+) -> dict:
     """sync (LS API: the annotations and every task's image) -> plan (:func:`plan_images`) ->
     images and teacher embeddings (the shared cache) -> agreement of the student at init ->
     SAMI (masked, then aligned) -> agreement after -> the decoder fine-tune on the student's
@@ -186,7 +189,8 @@ def run_sami(runtime: ModelRuntime, project: str, trigger: str) -> dict:
 
     As in the decoder fine-tune: too few annotated tasks skip the run, a task whose image or
     annotation cannot be had is skipped and reported, the job is retried only until training
-    starts, and the project's trigger count is forgotten only when the run ends."""
+    starts, and the project's trigger count is forgotten only when the run ends (and only by
+    a run that ``takes_annotation_count``: not the timed one of a fine-tune project)."""
     import torch
 
     from efficientsam.training import FineTuner, TrainingConfig, TrainingImage, evaluate
@@ -198,13 +202,17 @@ def run_sami(runtime: ModelRuntime, project: str, trigger: str) -> dict:
     progress = Progress(runtime, project, mode="sami")
     attempts = Attempts(progress.job, settings.redis_key_prefix)
     attempts.check()
+    progress.mark_started()
     started = time.perf_counter()
-    runtime.project_state.training_started(project)
+    if takes_annotation_count:
+        runtime.project_state.training_started(project)
     progress("sync", trigger=trigger)
     api = runtime.labelstudio
     config = parse_label_config(api.project(int(project)).label_config)
     tasks, skipped = sync_annotations(api.annotated_tasks(int(project)), config)
-    too_few = skip_if_too_few_tasks(runtime, project, trigger, len(tasks), skipped, progress)
+    too_few = skip_if_too_few_tasks(
+        runtime, project, trigger, len(tasks), skipped, progress, takes_annotation_count
+    )
     if too_few is not None:
         return too_few
     annotated = {t.task_id: t for t in tasks}
@@ -241,6 +249,12 @@ def run_sami(runtime: ModelRuntime, project: str, trigger: str) -> dict:
         progress("images", done=index + 1, total=len(needed))
     finetune_ids = [i for i in plan.finetune if i in images]
     evaluate_ids = [i for i in plan.evaluate if i in images]
+    if not (finetune_ids and evaluate_ids):  # one side's images all failed: split what is left
+        from efficientsam.training import split_by_task
+
+        have = [str(i) for i in sorted(finetune_ids + evaluate_ids, reverse=True)]
+        train_a, held_a = split_by_task(have, settings.train_held_out_fraction, seed=0)
+        finetune_ids, evaluate_ids = [int(i) for i in train_a], [int(i) for i in held_a]
     distil_ids = [i for i in plan.distil if i in images]
     agreement_ids = [i for i in plan.agreement if i in images]
     if len(finetune_ids) + len(evaluate_ids) < max(2, settings.train_min_tasks) or not (
@@ -311,6 +325,11 @@ def run_sami(runtime: ModelRuntime, project: str, trigger: str) -> dict:
         training_config.steps = settings.train_steps
     tuner = FineTuner(distilled, training_config)
     finetune_report = tuner.fit(train_images, progress=lambda values: progress("train", **values))
+    if lora:  # the fine-tune moved the encoder too: the gate measures the one that is served
+        progress("agreement", when="after fine-tune", images=len(held_pixels))
+        after = held_out_metrics(
+            tuner.model.image_encoder, teacher_model, held_pixels, held_targets
+        )
 
     progress("evaluate")
     current_metrics = metrics_summary(
@@ -382,14 +401,13 @@ def run_sami(runtime: ModelRuntime, project: str, trigger: str) -> dict:
             kind="sami",
             weights_version=checkpoint_version(state),
         )
-        runtime.registry.promote(project, version, {**details, "reason": reason})
-        result = {"status": "promoted", "version": version, "reason": reason}
-        logger.info("project %s: promoted %s: %s", project, version, reason)
+        result = promote_unless_stale(runtime, project, version, current, details, reason)
     else:
         runtime.registry.reject(project, f"SAMI candidate of {current.version}", reason, details)
         result = {"status": "rejected", "reason": reason}
         logger.info("project %s: SAMI candidate rejected: %s", project, reason)
-    runtime.project_state.training_succeeded(project)
+    if takes_annotation_count:
+        runtime.project_state.training_succeeded(project)
     seconds = time.perf_counter() - started
     progress.finish(
         result=result["status"],

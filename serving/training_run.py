@@ -18,7 +18,7 @@ from serving.labelstudio.label_config import parse_label_config
 from serving.runtime import checkpoint_version
 
 if TYPE_CHECKING:
-    from serving.runtime import ModelRuntime
+    from serving.runtime import ModelRuntime, ServedModel
 
 logger = logging.getLogger(__name__)
 
@@ -104,10 +104,15 @@ class Progress:
             "started": time.time(),
         }
         self._last_log = 0.0
-        try:  # when each mode last ran: the periodic SAMI trigger reads it (worker/schedule.py)
-            runtime.project_state.mark_started(project, mode)
+        self.mode = mode
+
+    def mark_started(self) -> None:
+        """Record when this mode last ran (after the job's attempt check: a refused retry is no
+        start); the periodic SAMI trigger reads it (worker/schedule.py)."""
+        try:
+            self.runtime.project_state.mark_started(self.project, self.mode)
         except redis.RedisError as error:
-            logger.warning("project %s: start not recorded (Redis): %s", project, error)
+            logger.warning("project %s: start not recorded (Redis): %s", self.project, error)
 
     def __call__(self, stage: str, **values) -> None:
         changed = stage != self.status.get("stage")
@@ -150,6 +155,7 @@ def run_finetune(runtime: ModelRuntime, project: str, trigger: str) -> dict:
     progress = Progress(runtime, project)
     attempts = Attempts(progress.job, settings.redis_key_prefix)
     attempts.check()
+    progress.mark_started()
     started = time.perf_counter()
     runtime.project_state.training_started(project)  # saves from now on count for the next run
     progress("sync", trigger=trigger)
@@ -276,9 +282,7 @@ def run_finetune(runtime: ModelRuntime, project: str, trigger: str) -> dict:
         version = runtime.registry.store_version(
             project, runtime.base_version, changed, metadata, weights_version=weights_version
         )
-        runtime.registry.promote(project, version, {**details, "reason": reason})
-        result = {"status": "promoted", "version": version, "reason": reason}
-        logger.info("project %s: promoted %s: %s", project, version, reason)
+        result = promote_unless_stale(runtime, project, version, current, details, reason)
     else:
         runtime.registry.reject(project, f"candidate of {current.version}", reason, details)
         result = {"status": "rejected", "reason": reason}
@@ -294,6 +298,31 @@ def run_finetune(runtime: ModelRuntime, project: str, trigger: str) -> dict:
     return {"project": project, **result, **details, "seconds": round(seconds, 1)}
 
 
+def promote_unless_stale(
+    runtime: ModelRuntime,
+    project: str,
+    version: str,
+    current: ServedModel,
+    details: dict,
+    reason: str,
+) -> dict:
+    """Promote the stored candidate ``version`` if the project still serves ``current`` (the
+    version it was measured against); else record it as rejected with why (another run of the
+    project promoted meanwhile). Returns the result's status, version and reason."""
+    from serving.registry import StaleCandidate
+
+    replacing = None if current.version == runtime.base_version else current.version
+    try:
+        runtime.registry.promote(project, version, {**details, "reason": reason}, replacing)
+    except StaleCandidate as error:
+        reason = f"{error}: not promoted ({reason})"
+        runtime.registry.reject(project, version, reason, details)
+        logger.info("project %s: candidate %s rejected: %s", project, version, reason)
+        return {"status": "rejected", "reason": reason}
+    logger.info("project %s: promoted %s: %s", project, version, reason)
+    return {"status": "promoted", "version": version, "reason": reason}
+
+
 def skip_if_too_few_tasks(
     runtime: ModelRuntime,
     project: str,
@@ -301,10 +330,11 @@ def skip_if_too_few_tasks(
     annotated: int,
     skipped: list[dict],
     progress: Progress,
+    forget_count: bool = True,
 ) -> dict | None:
     """With fewer than ``TRAIN_MIN_TASKS`` (and 2) annotated tasks the run is skipped: the
-    reason is recorded in the project's history, the trigger forgotten, and the summary
-    returned; else None."""
+    reason is recorded in the project's history, the trigger forgotten (``forget_count``), and
+    the summary returned; else None."""
     needed = runtime.settings.train_min_tasks
     if annotated >= max(2, needed):
         return None
@@ -314,7 +344,8 @@ def skip_if_too_few_tasks(
     )
     event = {"event": "skipped", "reason": reason, "trigger": trigger}
     runtime.registry.record(project, {**event, "skipped_tasks": skips_report(skipped)})
-    runtime.project_state.training_succeeded(project)
+    if forget_count:
+        runtime.project_state.training_succeeded(project)
     progress.finish(result="skipped", reason=reason)
     return {"project": project, "status": "skipped", "reason": reason}
 

@@ -98,7 +98,8 @@ def queue_due_training(
         if isinstance(hours, (int, float)) and not isinstance(hours, bool) and hours > 0:
             last = state.last_started(project, "sami")
             if last is None or now - last >= hours * 3600:
-                queued[project] = submit_sami(transport, project, f"every {hours} h")
+                trigger = f"every {hours} h"
+                queued[project] = submit_sami(transport, project, trigger, False)
     if queued:
         logger.info("queued training runs for projects %s", ", ".join(queued))
     return queued

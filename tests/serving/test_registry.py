@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from serving.labelstudio.tasks import project_id
 from serving.registry import (
     ModelRegistry,
     RegistryError,
+    StaleCandidate,
     VersionDirectory,
     fine_tune_version,
     read_safetensors_metadata,
@@ -69,6 +71,21 @@ def test_promote_reject_rollback_history(tmp_path):
     ]
     assert state["history"][1]["reason"].startswith("box mIoU") and state["promoted"] == 2
     assert registry.version_info(first).metadata["metrics"] == {"box_miou": 0.5}
+
+
+def test_a_candidate_measured_against_a_replaced_version_is_never_promoted(tmp_path):
+    """Two runs of one project (a fine-tune and a SAMI run on two train workers) both measured
+    against the base: the first promotes; the second, whose comparison is out of date, changes
+    nothing and says why."""
+    registry = ModelRegistry(tmp_path)
+    first, second = store_version(registry, "3", 1), store_version(registry, "3", 2)
+    registry.promote("3", first, replacing=None)
+    with pytest.raises(StaleCandidate, match=f"changed during the run \\(to {re.escape(first)}"):
+        registry.promote("3", second, replacing=None)
+    state = registry.version_history("3")
+    assert state["current"] == first and len(state["history"]) == 1
+    registry.promote("3", second, replacing=first)  # measured against the current one: fine
+    assert registry.current_version("3") == second
 
 
 def test_versions_of_other_projects_are_refused(tmp_path):

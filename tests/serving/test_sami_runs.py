@@ -17,6 +17,7 @@ from efficientsam.build import build_efficient_sam, infer_variant
 from efficientsam.checkpoint import save_checkpoint
 from efficientsam.training import split_by_task
 from serving import jobs
+from serving.labelstudio.tasks import annotation_events
 from serving.runtime import ModelRuntime
 from serving.sami_run import plan_images, sami_decision
 from serving.settings import Settings
@@ -184,7 +185,11 @@ def test_a_sami_run_promotes_a_ti_version_that_serves_a_strict_gate_rejects_and_
         runtime.settings = runtime.settings.with_overrides(
             sami_min_agreement=1.01, sami_steps=1, sami_align_steps=0
         )
-        rejected = jobs.sami({"project": "3", "trigger": "again"}, runtime=runtime)
+        event = {"action": "ANNOTATION_CREATED", "annotation": {"id": 77, "task": 1}}
+        runtime.project_state.record("3", *annotation_events(event))
+        timed = {"project": "3", "trigger": "again", "takes_annotation_count": False}
+        rejected = jobs.sami(timed, runtime=runtime)
+        assert runtime.project_state.new_annotations("3") == 1  # left to the next run
         assert rejected["status"] == "rejected"
         assert "fails: >= 1.01 needed" in rejected["reason"]
         assert rejected["teacher"] == base.version and rejected["parent"] == version

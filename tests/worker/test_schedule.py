@@ -57,12 +57,18 @@ def test_a_sami_project_gets_sami_runs_on_annotations_and_every_n_hours(
     queue = Queue("train", connection=redis_connection, serializer=JobSerializer)
     job = queue.fetch_job("sami-p3")
     assert job.func_name == "serving.jobs.sami"
-    assert job.args[0] == {"project": "3", "trigger": "3 new annotations"}
+    assert job.args[0] == {
+        "project": "3",
+        "trigger": "3 new annotations",
+        "takes_annotation_count": True,
+    }
     assert queue_due_training(transport, 3, now=now + 3600) == {
         "3": "sami-p3",
         "4": "sami-p4",
     }
-    assert queue.fetch_job("sami-p4").args[0]["trigger"] == "every 24 h"
+    timed = queue.fetch_job("sami-p4").args[0]
+    assert timed["trigger"] == "every 24 h"
+    assert timed["takes_annotation_count"] is False  # the fine-tune's count stays
     state.mark_started("4", "sami", when=now + 3600)
     queue.empty()
     assert queue_due_training(transport, 3, now=now + 7200) == {"3": "sami-p3"}

@@ -26,7 +26,11 @@ def test_the_command_queues_the_projects_run(
     assert queue.job_ids == [job_id]
     job = queue.fetch_job(job_id)
     assert job.func_name == function
-    assert job.args[0] == {"project": "7", "trigger": "command line"}
+    assert {k: job.args[0][k] for k in ("project", "trigger")} == {
+        "project": "7",
+        "trigger": "command line",
+    }
+    assert job.args[0].get("takes_annotation_count", True) is True
     # asked again while it is queued: the same job, not a second one
     assert main([command, "--project", "7", "--no-wait", "--redis-url", redis_url]) == 0
     assert queue.job_ids == [job_id]
