@@ -218,10 +218,9 @@ class AutomaticMaskGenerator:
             tick = time.perf_counter()
             batch = torch.from_numpy(points[start : start + self.points_per_batch]).to(device)
             labels = torch.ones((1, len(batch), 1), dtype=torch.int64, device=device)
-            with predictor._autocast():  # the predictor's precision (same package)
-                low_res, iou = model.predict_masks(
-                    prepared, batch[None, :, None, :], labels, True, height, width
-                )
+            low_res, iou = model.predict_masks(  # float32, as the predictor's decoder
+                prepared, batch[None, :, None, :], labels, True, height, width
+            )
             low_res, iou = low_res[0].float(), iou[0].float()  # (Q, 3, 256, 256), (Q, 3)
             decode_seconds += _elapsed(tick, device)
 
