@@ -14,6 +14,10 @@ threads click continuously on an image whose embedding is cached, through
 Run it on two commits to compare (the code under test is whatever ``backend``/``worker`` import):
 
     python benchmarks/bench_click_load.py [--clients 8] [--seconds 20] [--json out.json]
+
+Throughput on an idle server (8 clients x 25 cached clicks: clicks/s and p95):
+
+    python benchmarks/bench_click_load.py --clients 8 --clicks-per-client 25 --idle-only
 """
 
 from __future__ import annotations
@@ -70,15 +74,22 @@ def _percentiles(samples: list[float]) -> dict:
     }
 
 
-def clicks_while(service, clients: int, busy: threading.Event, seconds: float) -> list[float]:
-    """Latencies (s) of clicks by ``clients`` threads while ``busy`` is set (at most seconds)."""
+def clicks_while(
+    service, clients: int, busy: threading.Event, seconds: float, clicks_each: int = 0
+) -> list[float]:
+    """Latencies (s) of clicks by ``clients`` threads while ``busy`` is set (at most seconds;
+    ``clicks_each`` > 0: each client stops after that many clicks)."""
     latencies: list[float] = []
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
 
     def client(index: int) -> None:
         rng = np.random.default_rng(index)
+        done = 0
         while busy.is_set() and time.monotonic() < deadline:
+            if clicks_each and done >= clicks_each:
+                break
+            done += 1
             x, y = rng.uniform(10, 90, 2)
             body = _request([{"id": 1, "data": {"image": "/data/click.png"}}], {"result": []})
             body["params"]["context"]["result"] = [keypoint(float(x), float(y))]
@@ -104,6 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--points-per-side", type=int, default=16, help="the batch's grid (16: the CPU default)"
     )
+    parser.add_argument(
+        "--clicks-per-client",
+        type=int,
+        default=0,
+        help="idle phase: each client clicks this many times (0: for --seconds / 2); the "
+        "report gives clicks/s over the phase's wall time",
+    )
+    parser.add_argument("--idle-only", action="store_true", help="skip the batch/train phases")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -133,7 +152,15 @@ def main(argv: list[str] | None = None) -> int:
         service.predict(body)  # embedding cached, decoder warm
     results: dict = {"clients": args.clients}
 
-    results["idle"] = _percentiles(clicks_while(service, args.clients, busy, args.seconds / 2))
+    started = time.perf_counter()
+    idle_seconds = 600.0 if args.clicks_per_client else args.seconds / 2
+    idle = clicks_while(service, args.clients, busy, idle_seconds, args.clicks_per_client)
+    wall = time.perf_counter() - started
+    results["idle"] = _percentiles(idle)
+    results["idle"].update({"clicks_per_client": args.clicks_per_client, "seconds": round(wall, 2)})
+    results["idle"]["clicks_per_s"] = round(len(idle) / wall, 1)
+    if args.idle_only:
+        return _finish(results, service, files, args.json)
 
     batch_busy = threading.Event()
     batch_busy.set()
@@ -193,12 +220,16 @@ def main(argv: list[str] | None = None) -> int:
         results[phase]["p95_over_idle_p95"] = round(
             results[phase]["p95_ms"] / results["idle"]["p95_ms"], 2
         )
+    return _finish(results, service, files, args.json)
+
+
+def _finish(results: dict, service, files, json_path: Path | None) -> int:
     results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     service.close()
     files.close()
     print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
