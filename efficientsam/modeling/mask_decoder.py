@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .common import MLP
 from .two_way_transformer import PreparedImage, TwoWayTransformer
+
+
+@dataclass(frozen=True)
+class DecodedTokens:
+    """The decoder's outputs before the mask upscaling, for B images x Q queries (N = B*Q,
+    image-major): image_states (N, h*w, C) channels-last, hyper_in (N, K, C_up) the mask
+    candidates' hypernetwork vectors, iou_predictions (B, Q, K) raw; grid_size (h, w).
+    ``MaskDecoder.upscale_and_predict_masks(image_states, hyper_in, *grid_size)`` gives the
+    (N, K, 4h, 4w) logits (any subset of rows and candidates gives the same values)."""
+
+    image_states: torch.Tensor
+    hyper_in: torch.Tensor
+    iou_predictions: torch.Tensor
+    grid_size: tuple[int, int]
 
 
 class MaskDecoder(nn.Module):
@@ -67,10 +83,35 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        upscale: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor] | DecodedTokens:
         """image_embeddings (B, 256, 64, 64) or prepared by ``transformer.prepare_image``,
         image_pe (1, 256, 64, 64), sparse prompt embeddings (B, Q, T, 256)
-        -> logits (B, Q, K, 256, 256), iou_predictions (B, Q, K); K = 3 or 1."""
+        -> logits (B, Q, K, 256, 256), iou_predictions (B, Q, K); K = 3 or 1.
+        ``upscale=False``: :meth:`decode_tokens` instead (no masks yet)."""
+        batch, num_queries = sparse_prompt_embeddings.shape[:2]
+        decoded = self.decode_tokens(
+            image_embeddings, image_pe, sparse_prompt_embeddings, multimask_output
+        )
+        if not upscale:
+            return decoded
+        masks = self.upscale_and_predict_masks(
+            decoded.image_states, decoded.hyper_in, *decoded.grid_size
+        )
+        masks = masks.reshape(batch, num_queries, masks.shape[1], *masks.shape[-2:])
+        return masks, decoded.iou_predictions
+
+    def decode_tokens(
+        self,
+        image_embeddings: torch.Tensor | PreparedImage,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        multimask_output: bool,
+    ) -> DecodedTokens:
+        """Everything of :meth:`forward` but the mask upscaling: the transformer, the IoU head
+        and the hypernetworks (inputs as :meth:`forward`). The IoU predictions are known before
+        any mask is computed, so a caller can upscale only the candidates it keeps with
+        :meth:`upscale_and_predict_masks`."""
         batch, num_queries, _, _ = sparse_prompt_embeddings.shape
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         output_tokens = output_tokens.to(sparse_prompt_embeddings.dtype)
@@ -91,11 +132,13 @@ class MaskDecoder(nn.Module):
         hyper_in = torch.stack(
             [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in selected], dim=1
         )
-        height, width = prepared.grid_size
-        masks = self.upscale_and_predict_masks(image_states, hyper_in, height, width)
-        masks = masks.reshape(batch, num_queries, len(selected), *masks.shape[-2:])
         iou_predictions = self.iou_prediction_head(iou_token_out)[:, selected]
-        return masks, iou_predictions.reshape(batch, num_queries, len(selected))
+        return DecodedTokens(
+            image_states,
+            hyper_in,
+            iou_predictions.reshape(batch, num_queries, len(selected)),
+            prepared.grid_size,
+        )
 
     @staticmethod
     def _sub_pixel_conv(features: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:

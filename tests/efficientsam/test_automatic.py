@@ -27,6 +27,7 @@ from efficientsam.automatic import (
 )
 from efficientsam.predictor import Predictor
 from efficientsam.prompts import Prompt
+from tests.decoder_stubs import install_stub_decoder
 
 # The random-weight Ti model predicts IoU in ~[-0.5, 0.5] and weak logits (|x| ~ 0.5), so the
 # notebook's thresholds keep nothing; these let a good share of its masks through.
@@ -238,7 +239,7 @@ def _blob_decoder(prepared, points, labels, multimask_output, input_h, input_w, 
 def stub_model(ti_checkpoint):
     """A model of its own (the session's ``ti_model`` stays untouched) with a stub decoder."""
     model = load_model(ti_checkpoint)
-    model.predict_masks = _blob_decoder
+    install_stub_decoder(model, _blob_decoder)
     return model
 
 
@@ -327,7 +328,7 @@ def test_stub_empty_masks_are_dropped(stub_model, embedding, monkeypatch):
         logits, iou = _blob_decoder(prepared, points, *args)
         return torch.full_like(logits, -0.05), iou
 
-    monkeypatch.setattr(stub_model, "predict_masks", empty_decoder)
+    install_stub_decoder(stub_model, empty_decoder, monkeypatch)
     generator = AutomaticMaskGenerator(Predictor(stub_model), points_per_side=2, **LOOSE)
     result = generator.run(embedding)
     assert result.num_candidates == 0 and result.masks == []
