@@ -267,12 +267,8 @@ class AutomaticMaskGenerator:
         indices into the decoded batch, candidates (n, k) multimask indices -> (n, k, 256, 256)
         float32."""
         decoder = self.predictor.model.mask_decoder
-        image_states, hyper_in = decoded.image_states, decoded.hyper_in
-        if len(queries) < len(image_states):  # only the queries that still have candidates
-            image_states, hyper_in = image_states[queries], hyper_in[queries]
-        hyper_in = hyper_in.gather(1, candidates[:, :, None].expand(-1, -1, hyper_in.shape[2]))
         with self.predictor._autocast():
-            logits = decoder.upscale_and_predict_masks(image_states, hyper_in, *decoded.grid_size)
+            logits = decoder.candidate_masks(decoded, queries, candidates)
         return logits.float()
 
     def _low_res_nms(self, candidates: _Candidates, size: tuple[int, int]) -> torch.Tensor:
