@@ -350,6 +350,43 @@ def test_masks_are_the_predictors_best_mask_for_their_point(predictor, embedding
         assert np.count_nonzero(mask.segmentation != expected.best_mask) <= 10
 
 
+@pytest.mark.parametrize("masks_per_point", [1, 3])
+def test_iou_filter_before_the_masks_keeps_the_straightforward_candidates(
+    predictor, embedding, masks_per_point
+):
+    """The generator computes masks only for candidates past the IoU filter; the candidates,
+    their scores and masks are those of decoding every candidate of every point in full and
+    filtering after (about half the queries pass the threshold here)."""
+    model = predictor.model
+    points = build_point_grid(4, embedding.original_size)
+    with torch.inference_mode():
+        logits, iou = model.predict_masks(
+            embedding.embeddings,
+            torch.from_numpy(points)[None, :, None],
+            torch.ones(1, 16, 1),
+            True,
+            *embedding.original_size,
+        )
+    iou, order = iou[0].sort(dim=1, descending=True, stable=True)
+    iou, order = iou[:, :masks_per_point], order[:, :masks_per_point]
+    threshold = float(iou[:, 0].median())
+    keep = iou > threshold
+    rows = torch.arange(16)[:, None].expand_as(order)[keep]
+    kept_logits = logits[0][rows, order[keep]]
+    stability = stability_score(kept_logits, 0.0, 0.1)
+    settings = {**LOOSE, "pred_iou_thresh": threshold, "masks_per_point": masks_per_point}
+    result = AutomaticMaskGenerator(predictor, points_per_side=4, **settings).run(embedding)
+    assert 0 < result.num_candidates == len(rows) < 16 * masks_per_point
+    assert len(result.masks) == len(rows)
+    expected = predictor.upscale_logits(kept_logits, embedding.original_size) >= 0
+    by_score = {round(float(score), 5): index for index, score in enumerate(iou[keep])}
+    for mask in result.masks:
+        index = by_score[round(mask.predicted_iou, 5)]
+        assert mask.point == tuple(points[int(rows[index])].tolist())
+        assert mask.stability_score == pytest.approx(float(stability[index]), abs=1e-3)
+        assert np.count_nonzero(mask.segmentation != expected[index].numpy()) <= 10
+
+
 def test_image_and_its_embedding_give_the_same_masks(predictor, embedding, reference_image):
     generator = AutomaticMaskGenerator(predictor, points_per_side=4, **LOOSE)
     from_embedding = generator.generate(embedding)
