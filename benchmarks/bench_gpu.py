@@ -65,6 +65,7 @@ from bench_workers import (  # noqa: E402
 from efficientsam.arrays import mask_iou  # noqa: E402
 from efficientsam.build import build_efficient_sam  # noqa: E402
 from efficientsam.checkpoint import save_checkpoint  # noqa: E402
+from efficientsam.predictor import PRECISIONS as DTYPES  # noqa: E402
 from efficientsam.predictor import Predictor  # noqa: E402
 from efficientsam.prompts import Prompt  # noqa: E402
 from efficientsam.utils import keep_freed_memory_for_reuse  # noqa: E402
@@ -347,9 +348,11 @@ def encoder_figure(bench: Bench) -> dict:
                 images = images.to(device)
 
                 def encode(images=images, predictor=predictor):
-                    # the Predictor's own precision context: what PRECISION= serves
-                    with torch.inference_mode(), predictor._autocast():
-                        return predictor.model.get_image_embeddings(images)
+                    # the Predictor's own precision recipe: what PRECISION= serves
+                    with torch.inference_mode():
+                        return predictor.model.get_image_embeddings(
+                            images, DTYPES[predictor.precision]
+                        )
 
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
@@ -371,8 +374,8 @@ def encoder_figure(bench: Bench) -> dict:
         results[variant] = rows
     bench.notes["encoder"] = (
         "model.get_image_embeddings on (B, 3, 1024, 1024) float in [0, 1] (preprocessing, ViT, "
-        "neck) inside torch.inference_mode and the Predictor's precision context (autocast for "
-        "bfloat16/float16, as PRECISION= serves); IoU: best masks of the served Predictor at "
+        "neck) inside torch.inference_mode in the Predictor's precision (for bfloat16/float16: "
+        "the blocks and neck under autocast, patch embedding float32, as PRECISION= serves); IoU: best masks of the served Predictor at "
         "that precision (embed + decode, one click: best of 3 candidates) on a synthetic "
         "640x480 image against float32's, for 6 clicks, 2 two-click prompts and 4 boxes"
     )

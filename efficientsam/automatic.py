@@ -219,10 +219,9 @@ class AutomaticMaskGenerator:
             tick = time.perf_counter()
             batch = torch.from_numpy(points[start : start + self.points_per_batch]).to(device)
             labels = torch.ones((1, len(batch), 1), dtype=torch.int64, device=device)
-            with predictor._autocast():  # the predictor's precision (same package)
-                decoded = model.decode_tokens(
-                    prepared, batch[None, :, None, :], labels, True, height, width
-                )
+            decoded = model.decode_tokens(  # float32, as the predictor's decoder
+                prepared, batch[None, :, None, :], labels, True, height, width
+            )
             decode_seconds += _elapsed(tick, device)
 
             tick = time.perf_counter()
@@ -267,9 +266,7 @@ class AutomaticMaskGenerator:
         indices into the decoded batch, candidates (n, k) multimask indices -> (n, k, 256, 256)
         float32."""
         decoder = self.predictor.model.mask_decoder
-        with self.predictor._autocast():
-            logits = decoder.candidate_masks(decoded, queries, candidates)
-        return logits.float()
+        return decoder.candidate_masks(decoded, queries, candidates).float()
 
     def _low_res_nms(self, candidates: _Candidates, size: tuple[int, int]) -> torch.Tensor:
         """Indices kept by NMS on the low-res masks' boxes scaled to the image's pixels."""

@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--precision",
         default="float32",
-        choices=("float32", "bfloat16", "float16"),
-        help="float32 (default, exact) or the bfloat16/float16 fast mode",
+        choices=("auto", "float32", "bfloat16", "float16"),  # precision.PRECISION_CHOICES
+        help="float32 (default, exact), the bfloat16/float16 fast mode, or auto (the fast mode "
+        "where the hardware runs it natively and a check on a built-in image passes)",
     )
 
     bench = commands.add_parser("bench", help="run the speed/memory benchmark")
@@ -157,6 +158,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     from .build import load_model
     from .checkpoint import CheckpointError
+    from .precision import choose_precision
     from .predictor import Predictor
     from .utils import keep_freed_memory_for_reuse
 
@@ -172,7 +174,8 @@ def run_predict(args: argparse.Namespace) -> int:
     except RuntimeError as error:  # e.g. cuda requested but not available
         raise UsageError(f"cannot use device {args.device!r}: {error}") from error
     load_seconds = time.perf_counter() - started
-    predictor = Predictor(model, precision=args.precision)
+    precision = choose_precision(model, args.precision).precision
+    predictor = Predictor(model, precision=precision)
     embedding = predictor.set_image(image)
     points = [(x, y) for x, y, _ in args.point] or None
     labels = [label for _, _, label in args.point] or None
@@ -186,7 +189,7 @@ def run_predict(args: argparse.Namespace) -> int:
     height, width = image.shape[:2]
     print(
         f"image: {args.image} ({width}x{height}), model: EfficientSAM-{model.variant.upper()} "
-        f"on {model.device}, {args.precision}"
+        f"on {model.device}, {precision}"
     )
     print(
         f"score (predicted IoU): {prediction.best_score:.4f}; mask pixels: "

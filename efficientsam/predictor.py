@@ -10,7 +10,6 @@ weights fingerprint, the preprocessing/precision and the image content hash.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -30,6 +29,13 @@ from .utils import bicubic_resize_matrix, image_to_tensor, tensor_version
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PREPROCESSING_ID = "stretch1024-bilinear-noaa-imagenet"
+# what each precision computes in another dtype (part of the embedding cache key: a new recipe
+# gets a new key, so embeddings of the old one are never reused)
+PRECISION_RECIPES = {
+    "float32": "float32",
+    "bfloat16": "bfloat16-blocks",
+    "float16": "float16-blocks",
+}
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,11 @@ class Prediction:
 class Predictor:
     """Image -> embedding (through the cache) -> masks, scores, low-res logits.
 
-    precision: "float32" (default, matches the reference), or "bfloat16"/"float16" autocast (the
-    fast mode; bfloat16 on CPU needs AVX-512 BF16/AMX to be faster). The cache is shared by
+    precision: "float32" (default, matches the reference), or the "bfloat16"/"float16" fast mode:
+    the encoder's transformer blocks and neck run under autocast to that dtype (patch embedding,
+    residual stream, norms' statistics and the decoder stay float32; see
+    :mod:`efficientsam.precision` for the quality check that picks it; bfloat16 on CPU needs
+    AMX, or at least AVX-512 BF16, to be faster). The cache is shared by
     whoever passes the same object; by default each predictor gets a 256 MiB in-memory LRU.
     The decoder's per-image work (:class:`PreparedImage`, ~10 MiB each) is kept for the
     ``prepared_images`` most recently decoded images, so repeated clicks on an image skip it.
@@ -113,13 +122,10 @@ class Predictor:
 
     def embedding_key(self, image_hash: str) -> EmbeddingKey:
         return EmbeddingKey(
-            self.encoder_fingerprint, f"{PREPROCESSING_ID}-{self.precision}", image_hash
+            self.encoder_fingerprint,
+            f"{PREPROCESSING_ID}-{PRECISION_RECIPES[self.precision]}",
+            image_hash,
         )
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "float32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.model.device.type, dtype=PRECISIONS[self.precision])
 
     def _decoder_state(self) -> tuple:
         """Changes whenever the weights behind a PreparedImage change (training, reload)."""
@@ -134,14 +140,14 @@ class Predictor:
         state = self._decoder_state()
         key = (embedding.key, state)
         if None in state:  # inference-mode weights have no version: never reuse
-            with torch.inference_mode(), self._autocast():
+            with torch.inference_mode():
                 return self.model.prepare_image_embeddings(embedding.embeddings)
         with self._prepared_lock:
             prepared = self._prepared.get(key)
             if prepared is not None:
                 self._prepared.move_to_end(key)
                 return prepared
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode():
             prepared = self.model.prepare_image_embeddings(embedding.embeddings)
         if self._prepared_capacity > 0:
             with self._prepared_lock:
@@ -191,9 +197,10 @@ class Predictor:
         if cached is not None:
             return ImageEmbedding(cached.to(self.model.device), size, key, True, 0.0)
         started = time.perf_counter()
-        with torch.inference_mode(), self._autocast():
-            embeddings = self.model.get_image_embeddings(image_to_tensor(image, self.model.device))
-        embeddings = embeddings.float()
+        with torch.inference_mode():
+            embeddings = self.model.get_image_embeddings(
+                image_to_tensor(image, self.model.device), PRECISIONS[self.precision]
+            )
         seconds = _synchronised_elapsed(started, embeddings)
         self.cache.put(key, embeddings)
         return ImageEmbedding(embeddings, size, key, False, seconds)
@@ -218,16 +225,15 @@ class Predictor:
         started = time.perf_counter()
         device = self.model.device
         prepared = self.prepared_image(embedding)
-        with torch.inference_mode():
-            with self._autocast():
-                low_res, iou = self.model.predict_masks(
-                    prepared,
-                    torch.from_numpy(points[None]).to(device),  # (1, Q, T, 2)
-                    torch.from_numpy(labels[None]).to(device),
-                    multimask_output,
-                    height,
-                    width,
-                )
+        with torch.inference_mode():  # the decoder runs in float32 in every precision
+            low_res, iou = self.model.predict_masks(
+                prepared,
+                torch.from_numpy(points[None]).to(device),  # (1, Q, T, 2)
+                torch.from_numpy(labels[None]).to(device),
+                multimask_output,
+                height,
+                width,
+            )
             low_res, iou = low_res[0].float(), iou[0].float()  # (Q, K, 256, 256), (Q, K)
             order = iou.argsort(dim=-1, descending=True)
             if return_best_only:
@@ -235,9 +241,16 @@ class Predictor:
             iou = iou.gather(1, order)
             low_res = low_res.gather(1, order[:, :, None, None].expand(-1, -1, *low_res.shape[2:]))
             logits = self.upscale_logits(low_res, (height, width))
-            masks = logits >= self.model.mask_threshold
-        seconds = _synchronised_elapsed(started, masks)
-        masks_np, iou_np, low_res_np = masks.cpu().numpy(), iou.cpu().numpy(), low_res.cpu().numpy()
+            if logits.device.type == "cpu":
+                # numpy's comparison: the same booleans without a torch op (on 2 busy cores
+                # torch's parallel region for 300k values costs more than the comparison)
+                masks_np = np.greater_equal(logits.numpy(), self.model.mask_threshold)
+            else:
+                masks = logits >= self.model.mask_threshold
+        seconds = _synchronised_elapsed(started, logits)
+        if logits.device.type != "cpu":
+            masks_np = masks.cpu().numpy()
+        iou_np, low_res_np = iou.cpu().numpy(), low_res.cpu().numpy()
         return [
             Prediction(masks_np[i], iou_np[i], low_res_np[i], fitted[i].dropped_points, seconds)
             for i in range(len(fitted))

@@ -136,6 +136,7 @@ class ModelRuntime:
         )
         self.base_version: str | None = None
         self.base: ServedModel | None = None
+        self.precision: str | None = None  # the resolved PRECISION, once load() ran
         self.cache = None
         self._versions: OrderedDict[str, ServedModel] = OrderedDict()
         self._lock = threading.Lock()
@@ -159,6 +160,7 @@ class ModelRuntime:
 
         from efficientsam.build import model_from_state_dict
         from efficientsam.cache import InMemoryEmbeddingCache
+        from efficientsam.precision import choose_precision
         from efficientsam.predictor import Predictor
         from efficientsam.utils import keep_freed_memory_for_reuse
 
@@ -186,9 +188,9 @@ class ModelRuntime:
             self.cache = TieredEmbeddingCache(hot, shared, model.device)
         else:
             self.cache = hot
-        self.base = ServedModel(
-            self.base_version, Predictor(model, self.cache, self.settings.precision)
-        )
+        choice = choose_precision(model, self.settings.precision)
+        self.precision = choice.precision
+        self.base = ServedModel(self.base_version, Predictor(model, self.cache, self.precision))
         # the model holds its own copies now; until here a failed load() is retried from them
         self._checkpoint_tensors = None
         self.registry.publish_base(
@@ -196,7 +198,9 @@ class ModelRuntime:
                 "version": self.base_version,
                 "checkpoint": self.checkpoint.name,
                 "device": str(model.device),
-                "precision": self.settings.precision,
+                "precision": self.precision,
+                "precision_reason": choice.reason,
+                "precision_check": choice.check.as_dict() if choice.check else None,
             }
         )
         self.registry.ensure_published()
@@ -286,7 +290,7 @@ class ModelRuntime:
         else:
             model = derived_model(self.base.predictor.model, tensors)
             logger.info("loaded %s (%d tensors replaced)", info.version, len(tensors))
-        predictor = Predictor(model, self.cache, self.settings.precision)
+        predictor = Predictor(model, self.cache, self.precision)
         return ServedModel(info.version, predictor, standalone, info.metadata)
 
     def yield_to_clicks(self, modules) -> None:

@@ -23,7 +23,7 @@ from serving.labelstudio.outbound import parse_allow
 
 AUTOLABEL_MODES = ("auto", "boxes", "everything", "off")
 QUEUE_NAMES = ("interactive", "batch", "train")  # in priority order
-PRECISIONS = ("float32", "bfloat16", "float16")
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")  # efficientsam.precision
 SHARED_CACHE_DTYPES = ("float16", "float32")
 TRAIN_FROM = ("base", "current")
 MiB, GiB, HOUR, DAY = 1024**2, 1024**3, 3600, 24 * 3600
@@ -62,9 +62,11 @@ class Settings:
     )
     device: str = setting("auto", "DEVICE", help="cpu, cuda, cuda:N or auto")
     precision: str = setting(
-        "float32",
+        "auto",
         "PRECISION",
-        help="float32, or the bfloat16/float16 fast mode",
+        help="encoder precision: auto (the bfloat16/float16 fast mode where the GPU, or a CPU "
+        "with AMX, runs it natively and a start-up check on a built-in image passes: best-mask "
+        "IoU vs float32 >= 0.99, >= 1.25x faster; else float32), float32, bfloat16 or float16",
         choices=PRECISIONS,
     )
     threads: int = setting(0, "TORCH_THREADS", help="torch CPU threads; 0: torch's default")
@@ -353,7 +355,9 @@ class Settings:
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be 1..65535, got {self.port}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be float32, bfloat16 or float16: {self.precision}")
+            raise ValueError(
+                f"precision must be auto, float32, bfloat16 or float16: {self.precision}"
+            )
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
         if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):

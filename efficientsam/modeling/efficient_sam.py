@@ -63,9 +63,12 @@ class EfficientSam(nn.Module):
             )
         return (images - self.pixel_mean) / self.pixel_std
 
-    def get_image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) float in [0, 1] -> image embeddings (B, 256, 64, 64)."""
-        return self.image_encoder(self.preprocess(images))
+    def get_image_embeddings(
+        self, images: torch.Tensor, blocks_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """(B, 3, H, W) float in [0, 1] -> image embeddings (B, 256, 64, 64) float32;
+        ``blocks_dtype``: the encoder's fast mode (see :meth:`ImageEncoderViT.forward`)."""
+        return self.image_encoder(self.preprocess(images), blocks_dtype)
 
     def rescale_points(self, points: torch.Tensor, input_h: int, input_w: int) -> torch.Tensor:
         """(x, y) pixels of an input_w x input_h image -> pixels of the 1024 frame; any negative

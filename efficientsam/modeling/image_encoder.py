@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -159,17 +161,32 @@ class ImageEncoderViT(nn.Module):
             )
         return grid_embed.permute(0, 2, 3, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, blocks_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """x (B, 3, 1024, 1024) normalised -> (B, 256, 64, 64).
+
+        ``blocks_dtype`` (e.g. ``torch.bfloat16``): run the transformer blocks and the neck under
+        autocast to that dtype (matmuls and attention in it; the residual stream, layer norms'
+        statistics and softmax accumulation stay float32). The patch embedding always runs in
+        float32 (it sees the 8-bit image, which bfloat16 would round to 3 significant digits),
+        and the output is float32. None: float32 unless an outer autocast says otherwise.
+        """
         if x.shape[2] != self.img_size or x.shape[3] != self.img_size:
             raise ValueError(
                 f"image encoder expects (B, 3, {self.img_size}, {self.img_size}) input, "
                 f"got {tuple(x.shape)}"
             )
-        x = self.patch_embed(x).permute(0, 2, 3, 1)  # (B, 64, 64, C)
-        x = x + self.resized_pos_embed().to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            x = self.patch_embed(x.float()).permute(0, 2, 3, 1)  # (B, 64, 64, C)
+            x = x + self.resized_pos_embed().to(x.dtype)
         batch, height, width, channels = x.shape
         x = x.reshape(batch, height * width, channels)
-        for block in self.blocks:
-            x = block(x)
-        x = x.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
-        return self.neck(x)
+        fast = blocks_dtype is not None and blocks_dtype != torch.float32
+        # without a fast dtype, an outer autocast (training's mixed precision) is left alone
+        blocks_context = (
+            torch.autocast(x.device.type, dtype=blocks_dtype) if fast else contextlib.nullcontext()
+        )
+        with blocks_context:
+            for block in self.blocks:
+                x = block(x)
+            x = x.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+            return self.neck(x).float()

@@ -14,7 +14,9 @@ import numpy as np
 HEADER_BITS = 53  # 32 value count, 5 word size - 1, 4 x 4 run-length field widths - 1
 _CHUNK = 2**16
 _HEADER_SIZES = "0010001101111111"  # widths 3, 4, 8, 16, each minus one
-_CLASS_LIMITS = np.array([1, 8, 16, 256], np.uint64)  # largest count of classes 0..3
+# a run's chunk class by its pixel count (4 values a pixel): 1-2 pixels -> 1 (<= 8 values),
+# 3-4 -> 2 (<= 16), 5-64 -> 3 (<= 256), more -> 4 (16-bit count)
+_CLASS_BY_PIXELS = np.array([0, 1, 1, 2, 2] + [3] * 60 + [4], np.uint8)
 _PREFIX = np.array(
     [0, 1 << 13, (1 << 14) | (1 << 12), (1 << 18) | (2 << 16), (1 << 26) | (3 << 24)], np.uint64
 )
@@ -33,19 +35,26 @@ def encode_brush_mask(mask: np.ndarray) -> np.ndarray:
     choosing the width, count - 1 in that width, the 8-bit value(s). Runs longer than 2^16
     values are split; the stream is padded with 1 to 8 zero bits to whole bytes (the SDK always
     pads, also when already aligned)."""
-    flat = np.asarray(mask).ravel() != 0
+    flat = np.asarray(mask).ravel()
+    if flat.dtype != np.bool_:
+        flat = flat != 0
     total = flat.size * 4
     header = f"{total:032b}" + f"{7:05b}" + _HEADER_SIZES
     if flat.size == 0:
         return _pack(np.array([int(b) for b in header], np.uint8))
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    starts = np.concatenate(([0], change))
-    lengths = np.diff(np.concatenate((starts, [flat.size]))) * 4
-    run_values = flat[starts].astype(np.uint64) * np.uint64(255)
+    change = np.flatnonzero(flat[1:] != flat[:-1])
+    bounds = np.empty(change.size + 2, np.int64)
+    bounds[0], bounds[-1] = 0, flat.size
+    np.add(change, 1, out=bounds[1:-1])
+    lengths = np.diff(bounds) * 4  # values per run (every pixel's value for R, G, B, A)
+    # runs alternate between background (0) and mask (255), starting with the first pixel's
+    run_values = np.zeros(lengths.size, np.uint64)
+    run_values[0 if flat[0] else 1 :: 2] = 255
 
-    long = lengths > 256
-    if (lengths > _CHUNK).any():
-        # Runs longer than 2^16 values become full 2^16 chunks plus the remainder.
+    if lengths.max() > _CHUNK:
+        # Runs longer than 2^16 values become full 2^16 chunks plus the remainder; every chunk
+        # of a run longer than 256 values keeps the 16-bit form (class 4).
+        long = lengths > 256
         full_chunks = np.where(long, (lengths - 1) // _CHUNK, 0)
         repeats = full_chunks + 1
         remainder = lengths - full_chunks * _CHUNK
@@ -54,16 +63,18 @@ def encode_brush_mask(mask: np.ndarray) -> np.ndarray:
         is_last = np.zeros(int(repeats.sum()), bool)
         is_last[np.cumsum(repeats) - 1] = True
         lengths = np.where(is_last, np.repeat(remainder, repeats), _CHUNK)
-    chunk_count = lengths.astype(np.uint64)
+        chunk_class = _CLASS_BY_PIXELS[np.minimum(lengths >> 2, _CLASS_BY_PIXELS.size - 1)]
+        chunk_class[long] = 4
+    else:
+        chunk_class = _CLASS_BY_PIXELS[np.minimum(lengths >> 2, _CLASS_BY_PIXELS.size - 1)]
 
-    # Chunk classes: 0 literal of 1 word, 1 repeat <= 8, 2 <= 16, 3 <= 256, 4 split/long (16 bits).
-    # Every form keeps count - 1 at bit 8 and the value in bits 0-7, so one table lookup gives
-    # the prefix bits and the width.
-    chunk_class = np.searchsorted(_CLASS_LIMITS, chunk_count)
-    chunk_class[long] = 4
-    codes = np.empty(chunk_count.size + 1, np.uint64)
+    # Chunk classes: 1 repeat <= 8 values, 2 <= 16, 3 <= 256, 4 longer (16 bits); (class 0, a
+    # literal of one word, never occurs: a run has 4 values a pixel). Every form keeps count - 1
+    # at bit 8 and the value in bits 0-7, so one table lookup gives the prefix bits and width.
+    codes = np.empty(lengths.size + 1, np.uint64)
     codes[0] = int(header, 2)
-    np.bitwise_or(_PREFIX[chunk_class], (chunk_count - 1) << np.uint64(8), out=codes[1:])
+    np.left_shift(lengths - 1, 8, out=codes[1:].view(np.int64))
+    codes[1:] |= _PREFIX[chunk_class]
     codes[1:] |= run_values
     widths = np.empty(codes.size, np.int64)
     widths[0] = len(header)
@@ -74,26 +85,30 @@ def encode_brush_mask(mask: np.ndarray) -> np.ndarray:
 def _pack_codes(codes: np.ndarray, widths: np.ndarray) -> np.ndarray:
     """Concatenate codes (uint64, MSB first, ``widths`` bits each, <= 64) into bytes, zero-pad
     with 1..8 bits. Bits of different codes never overlap, so each 64-bit word is the OR of the
-    pieces that land in it; a code crossing a word boundary also puts its low part at the top
-    of the next word."""
+    pieces that land in it (one ``reduceat`` over the codes grouped by the word they start in);
+    a code crossing a word boundary is the last of its group and also puts its low part at the
+    top of the next word. No boolean indexing: it costs more than all the arithmetic."""
     ends = np.cumsum(widths)
-    starts = ends - widths
     total_bits = int(ends[-1])
     total_bits += 8 - total_bits % 8
+    starts = ends - widths
+    word = starts >> 6
+    room = 64 - (starts & 63) - widths  # bits left in the word after the code; < 0: crosses
+    high = codes << np.maximum(room, 0).astype(np.uint64)
+    high >>= np.maximum(-room, 0).astype(np.uint64)
+    new_word = np.empty(word.size, bool)
+    new_word[0] = True
+    np.not_equal(word[1:], word[:-1], out=new_word[1:])
+    group_starts = np.flatnonzero(new_word)
     words = np.zeros(total_bits // 64 + 2, np.uint64)
-    word = starts // 64
-    offset = starts % 64  # from the word's most significant bit
-    overflow = offset + widths - 64  # > 0: the code continues in the next word
-    shift_left = np.clip(-overflow, 0, 63).astype(np.uint64)
-    shift_right = np.clip(overflow, 0, 63).astype(np.uint64)
-    high = (codes << shift_left) >> shift_right
-    boundaries = np.flatnonzero(np.diff(word)) + 1
-    group_starts = np.concatenate(([0], boundaries))
     words[word[group_starts]] = np.bitwise_or.reduceat(high, group_starts)
-    crossing = overflow > 0
-    if crossing.any():
-        spill = (64 - overflow[crossing]).astype(np.uint64)
-        words[word[crossing] + 1] |= codes[crossing] << spill
+    last = np.empty(group_starts.size, np.int64)  # each group's last code
+    last[:-1] = group_starts[1:] - 1
+    last[-1] = word.size - 1
+    room_last = room[last]
+    spill = codes[last] << np.clip(64 + room_last, 0, 63).astype(np.uint64)
+    spill[room_last >= 0] = 0
+    words[word[last] + 1] |= spill
     return words.astype(">u8").view(np.uint8)[: total_bits // 8]
 
 

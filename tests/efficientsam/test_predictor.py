@@ -141,16 +141,3 @@ def test_bad_images_are_rejected(predictor):
 def test_unknown_precision_is_rejected(ti_model):
     with pytest.raises(ValueError, match="precision"):
         Predictor(ti_model, precision="int8")
-
-
-@pytest.mark.slow
-def test_bfloat16_fast_mode_stays_close_to_float32(ti_model, reference_image):
-    fast = Predictor(ti_model, precision="bfloat16")
-    embedding = fast.set_image(reference_image)
-    assert embedding.key.preprocessing.endswith("bfloat16")  # never shares float32 entries
-    reference = Predictor(ti_model)
-    reference.set_image(reference_image)
-    for point in ([210, 180], [470, 310], [100, 400]):
-        ours = fast.predict([point], return_best_only=True).best_mask
-        theirs = reference.predict([point], return_best_only=True).best_mask
-        assert mask_iou(ours, theirs) > 0.9
