@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from pycocotools import mask as coco_mask
 
+from .modeling.mask_decoder import DecodedTokens
 from .predictor import ImageEmbedding, Predictor
 
 UPSCALE_CHUNK_BYTES = 64 * 1024**2  # float32 logits upscaled at once (bounds the peak memory)
@@ -218,25 +219,54 @@ class AutomaticMaskGenerator:
             tick = time.perf_counter()
             batch = torch.from_numpy(points[start : start + self.points_per_batch]).to(device)
             labels = torch.ones((1, len(batch), 1), dtype=torch.int64, device=device)
-            low_res, iou = model.predict_masks(  # float32, as the predictor's decoder
+            decoded = model.decode_tokens(  # float32, as the predictor's decoder
                 prepared, batch[None, :, None, :], labels, True, height, width
             )
-            low_res, iou = low_res[0].float(), iou[0].float()  # (Q, 3, 256, 256), (Q, 3)
             decode_seconds += _elapsed(tick, device)
 
             tick = time.perf_counter()
+            iou = decoded.iou_predictions[0].float()  # (Q, 3)
             iou, order = iou.sort(dim=1, descending=True, stable=True)
             iou, order = iou[:, : self.masks_per_point], order[:, : self.masks_per_point]
-            rows = torch.arange(len(batch), device=device)[:, None].expand_as(order)
-            keep = iou > self.pred_iou_thresh
-            rows, order, iou = rows[keep], order[keep], iou[keep]
-            logits = low_res[rows, order]  # (n, 256, 256)
+            keep = iou > self.pred_iou_thresh  # (Q, masks_per_point)
+            queries = keep.any(dim=1).nonzero()[:, 0]  # the queries with a candidate left
+            filter_seconds += _elapsed(tick, device)
+            if len(queries) == 0:
+                continue
+
+            # Only the candidates that passed the IoU filter are upscaled to (256, 256) logits:
+            # the IoU head does not depend on the masks, so this is the same selection as
+            # decoding every candidate and filtering after.
+            tick = time.perf_counter()
+            low_res = self._low_res_logits(decoded, queries, order[queries])
+            decode_seconds += _elapsed(tick, device)
+
+            tick = time.perf_counter()
+            keep = keep[queries]
+            rows = queries[:, None].expand_as(keep)[keep]
+            iou = iou[queries][keep]
+            logits = low_res[keep]  # (n, 256, 256)
             stability = stability_score(logits, threshold, self.stability_score_offset)
             keep = stability > self.stability_score_thresh  # an empty mask's score is 0
             kept.append(_Candidates(logits[keep], iou[keep], stability[keep], rows[keep] + start))
             del low_res, logits
             filter_seconds += _elapsed(tick, device)
+        if not kept:  # no candidate passed the IoU filter
+            scale = 2 ** len(model.mask_decoder.final_output_upscaling_layers)
+            low_res_size = (scale * prepared.grid_size[0], scale * prepared.grid_size[1])
+            empty = torch.zeros(0, device=device)
+            logits = empty.new_zeros((0, *low_res_size))
+            kept.append(_Candidates(logits, empty, empty, empty.long()))
         return _Candidates.concatenate(kept), decode_seconds, filter_seconds
+
+    def _low_res_logits(
+        self, decoded: DecodedTokens, queries: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        """The decoder's low-res logits of chosen candidates of chosen queries: queries (n,)
+        indices into the decoded batch, candidates (n, k) multimask indices -> (n, k, 256, 256)
+        float32."""
+        decoder = self.predictor.model.mask_decoder
+        return decoder.candidate_masks(decoded, queries, candidates).float()
 
     def _low_res_nms(self, candidates: _Candidates, size: tuple[int, int]) -> torch.Tensor:
         """Indices kept by NMS on the low-res masks' boxes scaled to the image's pixels."""

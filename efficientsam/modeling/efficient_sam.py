@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .image_encoder import ImageEncoderViT
-from .mask_decoder import MaskDecoder
+from .mask_decoder import DecodedTokens, MaskDecoder
 from .prompt_encoder import LABEL_PADDING, PromptEncoder
 from .two_way_transformer import PreparedImage
 
@@ -109,25 +109,16 @@ class EfficientSam(nn.Module):
         image_pe = self.prompt_encoder.get_dense_pe().to(image_embeddings.dtype)
         return self.mask_decoder.transformer.prepare_image(image_embeddings, image_pe)
 
-    def predict_masks(
+    def _prompt_embeddings(
         self,
         image_embeddings: torch.Tensor | PreparedImage,
         batched_points: torch.Tensor,
         batched_point_labels: torch.Tensor,
-        multimask_output: bool,
         input_h: int,
         input_w: int,
-        output_h: int = -1,
-        output_w: int = -1,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoder-only prediction from cached embeddings.
-
-        image_embeddings (B, 256, 64, 64) or from :meth:`prepare_image_embeddings`; points
-        (B, Q, N, 2) (x, y) pixels of the original input_w x input_h image; labels (B, Q, N).
-        Returns logits (B, Q, K, h, w) with (h, w) = (output_h, output_w) when both are > 0
-        (bicubic upscale) else (256, 256), and raw IoU predictions (B, Q, K); K = 3 with
-        ``multimask_output`` else 1.
-        """
+    ) -> tuple[torch.Tensor, torch.dtype]:
+        """Checked prompts (B, Q, N, 2) pixels, labels (B, Q, N) -> sparse prompt embeddings
+        (B, Q, 6, 256) in the image embeddings' dtype, and that dtype."""
         if batched_points.dim() != 4 or batched_points.shape[-1] != 2:
             raise ValueError(f"points must be (B, Q, N, 2), got {tuple(batched_points.shape)}")
         if batched_point_labels.shape != batched_points.shape[:-1]:
@@ -151,6 +142,54 @@ class EfficientSam(nn.Module):
         points, labels = self.fit_to_prompt_tokens(points, labels)
         points = self.rescale_points(points, input_h, input_w)
         sparse_embeddings = self.prompt_encoder(points, labels).to(dtype)
+        return sparse_embeddings, dtype
+
+    def decode_tokens(
+        self,
+        image_embeddings: torch.Tensor | PreparedImage,
+        batched_points: torch.Tensor,
+        batched_point_labels: torch.Tensor,
+        multimask_output: bool,
+        input_h: int,
+        input_w: int,
+    ) -> DecodedTokens:
+        """:meth:`predict_masks` up to, not including, the mask upscaling (same inputs): the
+        IoU predictions (B, Q, K) and what
+        :meth:`MaskDecoder.upscale_and_predict_masks` needs for the (256, 256) logits of any
+        chosen queries and candidates (see :class:`DecodedTokens`)."""
+        sparse_embeddings, dtype = self._prompt_embeddings(
+            image_embeddings, batched_points, batched_point_labels, input_h, input_w
+        )
+        return self.mask_decoder(
+            image_embeddings,
+            self.prompt_encoder.get_dense_pe().to(dtype),
+            sparse_embeddings,
+            multimask_output,
+            upscale=False,
+        )
+
+    def predict_masks(
+        self,
+        image_embeddings: torch.Tensor | PreparedImage,
+        batched_points: torch.Tensor,
+        batched_point_labels: torch.Tensor,
+        multimask_output: bool,
+        input_h: int,
+        input_w: int,
+        output_h: int = -1,
+        output_w: int = -1,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder-only prediction from cached embeddings.
+
+        image_embeddings (B, 256, 64, 64) or from :meth:`prepare_image_embeddings`; points
+        (B, Q, N, 2) (x, y) pixels of the original input_w x input_h image; labels (B, Q, N).
+        Returns logits (B, Q, K, h, w) with (h, w) = (output_h, output_w) when both are > 0
+        (bicubic upscale) else (256, 256), and raw IoU predictions (B, Q, K); K = 3 with
+        ``multimask_output`` else 1.
+        """
+        sparse_embeddings, dtype = self._prompt_embeddings(
+            image_embeddings, batched_points, batched_point_labels, input_h, input_w
+        )
         low_res_logits, iou_predictions = self.mask_decoder(
             image_embeddings,
             self.prompt_encoder.get_dense_pe().to(dtype),

@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .common import MLP
 from .two_way_transformer import PreparedImage, TwoWayTransformer
+
+
+@dataclass(frozen=True)
+class DecodedTokens:
+    """The decoder's work for B images x Q queries (N = B*Q, image-major) up to the IoU
+    predictions, before any mask: iou_predictions (B, Q, K) raw, K = len(candidates);
+    token_states (N, T, C) and token_pe (N, T, C) after the transformer's blocks; image_states
+    (N, h*w, C) channels-last; prepared: the image's :class:`PreparedImage`; candidates: the
+    mask token index (0..3) of each of the K candidates. :meth:`MaskDecoder.candidate_masks`
+    turns chosen candidates of chosen queries into logits."""
+
+    iou_predictions: torch.Tensor
+    token_states: torch.Tensor
+    token_pe: torch.Tensor
+    image_states: torch.Tensor
+    prepared: PreparedImage
+    candidates: tuple[int, ...]
 
 
 class MaskDecoder(nn.Module):
@@ -67,27 +86,27 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        upscale: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor] | DecodedTokens:
         """image_embeddings (B, 256, 64, 64) or prepared by ``transformer.prepare_image``,
         image_pe (1, 256, 64, 64), sparse prompt embeddings (B, Q, T, 256)
-        -> logits (B, Q, K, 256, 256), iou_predictions (B, Q, K); K = 3 or 1."""
+        -> logits (B, Q, K, 256, 256), iou_predictions (B, Q, K); K = 3 or 1.
+        ``upscale=False``: :meth:`decode_tokens` instead (IoU predictions, no masks yet)."""
+        if not upscale:
+            return self.decode_tokens(
+                image_embeddings, image_pe, sparse_prompt_embeddings, multimask_output
+            )
         batch, num_queries, _, _ = sparse_prompt_embeddings.shape
-        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
-        output_tokens = output_tokens.to(sparse_prompt_embeddings.dtype)
-        output_tokens = output_tokens.expand(batch, num_queries, -1, -1)
-        tokens = torch.cat([output_tokens, sparse_prompt_embeddings], dim=2)
-
+        tokens = self._tokens(sparse_prompt_embeddings)
         # The image embedding is not tiled per query: the transformer shares it (image-major).
-        prepared = image_embeddings
-        if not isinstance(prepared, PreparedImage):
-            prepared = self.transformer.prepare_image(image_embeddings, image_pe)
+        prepared = self._prepared(image_embeddings, image_pe)
         token_states, image_states = self.transformer(
             prepared, image_pe, tokens, num_output_tokens=1 + self.num_mask_tokens
         )
         iou_token_out = token_states[:, 0, :]
         mask_tokens_out = token_states[:, 1 : 1 + self.num_mask_tokens, :]
 
-        selected = list(range(1, self.num_mask_tokens) if multimask_output else range(0, 1))
+        selected = self._candidates(multimask_output)
         hyper_in = torch.stack(
             [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in selected], dim=1
         )
@@ -96,6 +115,88 @@ class MaskDecoder(nn.Module):
         masks = masks.reshape(batch, num_queries, len(selected), *masks.shape[-2:])
         iou_predictions = self.iou_prediction_head(iou_token_out)[:, selected]
         return masks, iou_predictions.reshape(batch, num_queries, len(selected))
+
+    def _tokens(self, sparse_prompt_embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, Q, T, C) prompt tokens -> (B, Q, 1 + 4 + T, C): [IoU, 4 mask tokens, prompts]."""
+        batch, num_queries, _, _ = sparse_prompt_embeddings.shape
+        output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
+        output_tokens = output_tokens.to(sparse_prompt_embeddings.dtype)
+        output_tokens = output_tokens.expand(batch, num_queries, -1, -1)
+        return torch.cat([output_tokens, sparse_prompt_embeddings], dim=2)
+
+    def _prepared(
+        self, image_embeddings: torch.Tensor | PreparedImage, image_pe: torch.Tensor
+    ) -> PreparedImage:
+        if isinstance(image_embeddings, PreparedImage):
+            return image_embeddings
+        return self.transformer.prepare_image(image_embeddings, image_pe)
+
+    def _candidates(self, multimask_output: bool) -> list[int]:
+        """Mask token indices of the output candidates: 1..3 (multimask) or 0."""
+        return list(range(1, self.num_mask_tokens) if multimask_output else range(0, 1))
+
+    def decode_tokens(
+        self,
+        image_embeddings: torch.Tensor | PreparedImage,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        multimask_output: bool,
+    ) -> DecodedTokens:
+        """The IoU predictions of :meth:`forward` (same inputs) without computing any mask: the
+        transformer's blocks, then its final attention for the IoU token alone (tokens attend
+        to the image independently). :meth:`candidate_masks` finishes chosen candidates, so a
+        caller that filters on predicted IoU computes only the masks it keeps."""
+        batch, num_queries, _, _ = sparse_prompt_embeddings.shape
+        tokens = self._tokens(sparse_prompt_embeddings)
+        prepared = self._prepared(image_embeddings, image_pe)
+        token_states, image_states = self.transformer.run_blocks(prepared, tokens)
+        token_pe = tokens.reshape(token_states.shape)
+        iou_token_out = self.transformer.final_attention(
+            prepared, token_states[:, :1], token_pe[:, :1], image_states
+        )[:, 0]
+        selected = self._candidates(multimask_output)
+        iou_predictions = self.iou_prediction_head(iou_token_out)[:, selected]
+        return DecodedTokens(
+            iou_predictions.reshape(batch, num_queries, len(selected)),
+            token_states,
+            token_pe,
+            image_states,
+            prepared,
+            tuple(selected),
+        )
+
+    def candidate_masks(
+        self, decoded: DecodedTokens, queries: torch.Tensor, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        """Low-res logits of chosen candidates: queries (n,) int64 indices into the decoded
+        N queries, candidates (n, k) indices into the K candidates -> (n, k, 4h, 4w) (256x256),
+        the values :meth:`forward` gives for them."""
+        states, pe, image_states = decoded.token_states, decoded.token_pe, decoded.image_states
+        if len(queries) < len(states):
+            states, pe, image_states = states[queries], pe[queries], image_states[queries]
+        # final attention for the mask tokens of the K candidates only
+        mask_tokens = [1 + i for i in decoded.candidates]
+        if mask_tokens == list(range(mask_tokens[0], mask_tokens[-1] + 1)):
+            token_index: slice | list[int] = slice(mask_tokens[0], mask_tokens[-1] + 1)
+        else:
+            token_index = mask_tokens
+        mask_tokens_out = self.transformer.final_attention(
+            decoded.prepared, states[:, token_index], pe[:, token_index], image_states
+        )
+        hyper_in = torch.stack(
+            [
+                self.output_hypernetworks_mlps[i](mask_tokens_out[:, j])
+                for j, i in enumerate(decoded.candidates)
+            ],
+            dim=1,
+        )  # (n, K, C_up)
+        if candidates.shape[1] != hyper_in.shape[1] or not torch.equal(
+            candidates,
+            torch.arange(hyper_in.shape[1], device=candidates.device).expand_as(candidates),
+        ):
+            index = candidates[:, :, None].expand(-1, -1, hyper_in.shape[2])
+            hyper_in = hyper_in.gather(1, index)
+        return self.upscale_and_predict_masks(image_states, hyper_in, *decoded.prepared.grid_size)
 
     @staticmethod
     def _sub_pixel_conv(features: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:

@@ -316,6 +316,19 @@ class TwoWayTransformer(nn.Module):
         and mask tokens only); the final attention then runs for those tokens alone."""
         if not isinstance(image, PreparedImage):
             image = self.prepare_image(image, image_pe)
+        batch, num_queries, num_tokens, channels = point_embedding.shape
+        queries, keys = self.run_blocks(image, point_embedding)
+        point_embedding = point_embedding.reshape(batch * num_queries, num_tokens, channels)
+        if num_output_tokens is not None:
+            queries = queries[:, :num_output_tokens]
+            point_embedding = point_embedding[:, :num_output_tokens]
+        return self.final_attention(image, queries, point_embedding, keys), keys
+
+    def run_blocks(
+        self, image: PreparedImage, point_embedding: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two-way blocks: point_embedding (B, Q, T, C) -> token states (B*Q, T, C) and
+        image states (B*Q, h*w, C), before the final attention."""
         keys, key_pe = image.keys, image.key_pe
         batch, num_queries, num_tokens, channels = point_embedding.shape
         point_embedding = point_embedding.reshape(batch * num_queries, num_tokens, channels)
@@ -331,11 +344,19 @@ class TwoWayTransformer(nn.Module):
             else:
                 offsets = image.later_block_offsets[index - 1]
                 queries, keys = layer(queries, keys, point_embedding, key_pe, None, offsets)
-        if num_output_tokens is not None:
-            queries = queries[:, :num_output_tokens]
-            point_embedding = point_embedding[:, :num_output_tokens]
-        attended = self.final_attn_token_to_image.attend_few_queries_to_image(
-            queries + point_embedding, keys, image.final_key_offset
-        )
-        queries = self.norm_final_attn(queries + attended)
         return queries, keys
+
+    def final_attention(
+        self,
+        image: PreparedImage,
+        queries: torch.Tensor,
+        query_pe: torch.Tensor,
+        keys: torch.Tensor,
+    ) -> torch.Tensor:
+        """The final token->image attention and norm for some tokens: queries and query_pe
+        (N, t, C) from :meth:`run_blocks` (any subset of the tokens: each attends on its own),
+        keys (N, h*w, C) -> (N, t, C)."""
+        attended = self.final_attn_token_to_image.attend_few_queries_to_image(
+            queries + query_pe, keys, image.final_key_offset
+        )
+        return self.norm_final_attn(queries + attended)

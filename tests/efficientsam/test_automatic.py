@@ -27,6 +27,7 @@ from efficientsam.automatic import (
 )
 from efficientsam.predictor import Predictor
 from efficientsam.prompts import Prompt
+from tests.decoder_stubs import install_stub_decoder
 
 # The random-weight Ti model predicts IoU in ~[-0.5, 0.5] and weak logits (|x| ~ 0.5), so the
 # notebook's thresholds keep nothing; these let a good share of its masks through.
@@ -238,7 +239,7 @@ def _blob_decoder(prepared, points, labels, multimask_output, input_h, input_w, 
 def stub_model(ti_checkpoint):
     """A model of its own (the session's ``ti_model`` stays untouched) with a stub decoder."""
     model = load_model(ti_checkpoint)
-    model.predict_masks = _blob_decoder
+    install_stub_decoder(model, _blob_decoder)
     return model
 
 
@@ -327,7 +328,7 @@ def test_stub_empty_masks_are_dropped(stub_model, embedding, monkeypatch):
         logits, iou = _blob_decoder(prepared, points, *args)
         return torch.full_like(logits, -0.05), iou
 
-    monkeypatch.setattr(stub_model, "predict_masks", empty_decoder)
+    install_stub_decoder(stub_model, empty_decoder, monkeypatch)
     generator = AutomaticMaskGenerator(Predictor(stub_model), points_per_side=2, **LOOSE)
     result = generator.run(embedding)
     assert result.num_candidates == 0 and result.masks == []
@@ -347,6 +348,43 @@ def test_masks_are_the_predictors_best_mask_for_their_point(predictor, embedding
     for mask, expected in zip(masks, predictor.decode(embedding, prompts, True, True), strict=True):
         assert mask.predicted_iou == pytest.approx(expected.best_score, abs=1e-5)
         assert np.count_nonzero(mask.segmentation != expected.best_mask) <= 10
+
+
+@pytest.mark.parametrize("masks_per_point", [1, 3])
+def test_iou_filter_before_the_masks_keeps_the_straightforward_candidates(
+    predictor, embedding, masks_per_point
+):
+    """The generator computes masks only for candidates past the IoU filter; the candidates,
+    their scores and masks are those of decoding every candidate of every point in full and
+    filtering after (about half the queries pass the threshold here)."""
+    model = predictor.model
+    points = build_point_grid(4, embedding.original_size)
+    with torch.inference_mode():
+        logits, iou = model.predict_masks(
+            embedding.embeddings,
+            torch.from_numpy(points)[None, :, None],
+            torch.ones(1, 16, 1),
+            True,
+            *embedding.original_size,
+        )
+    iou, order = iou[0].sort(dim=1, descending=True, stable=True)
+    iou, order = iou[:, :masks_per_point], order[:, :masks_per_point]
+    threshold = float(iou[:, 0].median())
+    keep = iou > threshold
+    rows = torch.arange(16)[:, None].expand_as(order)[keep]
+    kept_logits = logits[0][rows, order[keep]]
+    stability = stability_score(kept_logits, 0.0, 0.1)
+    settings = {**LOOSE, "pred_iou_thresh": threshold, "masks_per_point": masks_per_point}
+    result = AutomaticMaskGenerator(predictor, points_per_side=4, **settings).run(embedding)
+    assert 0 < result.num_candidates == len(rows) < 16 * masks_per_point
+    assert len(result.masks) == len(rows)
+    expected = predictor.upscale_logits(kept_logits, embedding.original_size) >= 0
+    by_score = {round(float(score), 5): index for index, score in enumerate(iou[keep])}
+    for mask in result.masks:
+        index = by_score[round(mask.predicted_iou, 5)]
+        assert mask.point == tuple(points[int(rows[index])].tolist())
+        assert mask.stability_score == pytest.approx(float(stability[index]), abs=1e-3)
+        assert np.count_nonzero(mask.segmentation != expected[index].numpy()) <= 10
 
 
 def test_image_and_its_embedding_give_the_same_masks(predictor, embedding, reference_image):

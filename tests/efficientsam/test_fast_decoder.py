@@ -90,3 +90,26 @@ def test_fast_decoder_gradients_match_reference(random_model):
         tolerance = 1e-3 * reference[name].abs().max() + 1e-6 * largest
         assert (fast[name] - reference[name]).abs().max() <= tolerance, name
     random_model.zero_grad()
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+def test_decode_tokens_then_candidate_masks_match_predict_masks(random_model, multimask):
+    """The generator's path (IoU first, masks only for chosen candidates) gives the values of
+    the full decoder call, for any subset of queries and candidates in any order."""
+    embeddings = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(7))
+    coordinates, labels = _prompts(1, 5, 2, seed=3)
+    with torch.inference_mode():
+        prepared = random_model.prepare_image_embeddings(embeddings)
+        logits, iou = random_model.predict_masks(prepared, coordinates, labels, multimask, 333, 517)
+        decoded = random_model.decode_tokens(prepared, coordinates, labels, multimask, 333, 517)
+        torch.testing.assert_close(decoded.iou_predictions, iou, atol=1e-6, rtol=0)
+        num_masks = iou.shape[2]
+        everything = random_model.mask_decoder.candidate_masks(
+            decoded, torch.arange(5), torch.arange(num_masks).expand(5, -1)
+        )
+        torch.testing.assert_close(everything, logits[0], atol=1e-5, rtol=0)
+        queries = torch.tensor([3, 0])
+        candidates = torch.tensor([[num_masks - 1, 0], [0, num_masks - 1]])[:, :num_masks]
+        chosen = random_model.mask_decoder.candidate_masks(decoded, queries, candidates)
+        expected = logits[0][queries[:, None], candidates]
+        torch.testing.assert_close(chosen, expected, atol=1e-5, rtol=0)

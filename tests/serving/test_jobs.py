@@ -30,6 +30,7 @@ from serving.runtime import ModelRuntime, derived_model
 from serving.serialization import JobSerializer
 from serving.settings import Settings
 from tests.conftest import TI_CHECKPOINT
+from tests.decoder_stubs import install_stub_decoder
 from tests.http_fixtures import LEGACY_TOKEN, decode_brush
 from tests.redis_fixtures import IMAGE
 from tests.worker.autolabel_memory_probe import disc_decoder
@@ -136,7 +137,7 @@ def test_autolabel_boxes_and_automatic(runtime):
 def test_autolabel_everything_grid_by_device(runtime, monkeypatch):
     # points_per_side 0 (AUTOLABEL_POINTS_PER_SIDE's default): 16x16 on a CPU. A decoder that
     # gives one confident disc per point (random weights pass no threshold) counts the points.
-    monkeypatch.setattr(runtime.base.predictor.model, "predict_masks", disc_decoder)
+    install_stub_decoder(runtime.base.predictor.model, disc_decoder, monkeypatch)
     request = AutolabelRequest(
         project="1", task=TaskSpec(id=1, image=IMAGE), mode="everything", output=OUTPUT
     )

@@ -29,6 +29,7 @@ from serving.requests import AutolabelRequest, OutputSpec, PrewarmRequest, TaskS
 from serving.runtime import ModelRuntime
 from serving.settings import Settings
 from tests.conftest import TI_CHECKPOINT
+from tests.decoder_stubs import install_stub_decoder
 from tests.http_fixtures import LEGACY_TOKEN, FileServer, png_bytes
 
 IMAGE = "/data/upload/1/large.png"
@@ -67,7 +68,7 @@ def main(height: int, width: int, points_per_side: int) -> dict:
             )
             runtime = ModelRuntime(settings)
             runtime.load()
-            runtime.base.predictor.model.predict_masks = disc_decoder
+            install_stub_decoder(runtime.base.predictor.model, disc_decoder)
             jobs.prewarm(PrewarmRequest(project="1", task=1, image=IMAGE), runtime=runtime)
             request = AutolabelRequest(
                 project="1",
