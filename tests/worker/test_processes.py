@@ -126,7 +126,7 @@ def test_a_job_of_a_killed_worker_is_retried_by_another(
         project="1",
         task=TaskSpec(id=1, image=IMAGE),
         mode="everything",
-        points_per_side=8,  # ~2 s on one CPU thread: killed mid-way
+        points_per_side=16,  # download + encoder + 256 queries, seconds: killed mid-way
         output=OutputSpec(tag="BrushLabels", name="tag", to_name="image", labels=["Object"]),
     )
     job_id = transport.submit("autolabel", request, "autolabel-kill-test")
