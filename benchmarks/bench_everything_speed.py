@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         if grid == 16:
             worst = [
-                generator_run(predictor, new_image(), grid, **ALL_PASS)
-                for _ in range(args.repeats)
+                generator_run(predictor, new_image(), grid, **ALL_PASS) for _ in range(args.repeats)
             ]
             entry["every_candidate_kept_seconds"] = round(
                 statistics.median(r["seconds"] for r in worst), 3

@@ -171,13 +171,12 @@ def bench_click(model: EfficientSam, repeats: int, device: torch.device) -> dict
 
 
 def bench_fast_mode(
-    model: EfficientSam, precision: str, repeats: int, device: torch.device, float32_ms: float
+    model: EfficientSam, precision: str, repeats: int, device: torch.device
 ) -> dict:
     """The fast mode's encoder (bfloat16/float16 blocks, float32 decoder: ``Predictor``'s
     precision) against float32 in the same run, interleaved; the first click (encoder + best
     mask of one point) of each; and the best-mask IoU against float32 on the built-in check
-    image (``efficientsam.precision``: its 20 prompts + 20 random points) and the fixture image
-    when given. ``float32_ms`` is unused (kept for callers; the ratio uses this run's float32)."""
+    image (``efficientsam.precision``: its 20 prompts + 20 random points)."""
     fast, exact = Predictor(model, precision=precision), Predictor(model)
     picture = builtin_check_image()
     point = [(0.5 * picture.shape[1], 0.5 * picture.shape[0])]
@@ -582,7 +581,7 @@ def run_benchmark(
         for precision in fast_precisions:
             progress.set_postfix_str(f"{variant}: {precision}")
             measured[f"fast_mode_{precision}"] = bench_fast_mode(
-                model, precision, repeats, torch_device, measured["encoder_ms"]
+                model, precision, repeats, torch_device
             )
             progress.update()
         if torch_device.type == "cpu":

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from pycocotools import mask as coco_mask
 
-from .modeling.mask_decoder import DecodedTokens
 from .predictor import ImageEmbedding, Predictor
 
 UPSCALE_CHUNK_BYTES = 64 * 1024**2  # float32 logits upscaled at once (bounds the peak memory)
@@ -225,7 +224,7 @@ class AutomaticMaskGenerator:
             decode_seconds += _elapsed(tick, device)
 
             tick = time.perf_counter()
-            iou = decoded.iou_predictions[0].float()  # (Q, 3)
+            iou = decoded.iou_predictions[0]  # (Q, 3) float32
             iou, order = iou.sort(dim=1, descending=True, stable=True)
             iou, order = iou[:, : self.masks_per_point], order[:, : self.masks_per_point]
             keep = iou > self.pred_iou_thresh  # (Q, masks_per_point)
@@ -238,7 +237,7 @@ class AutomaticMaskGenerator:
             # the IoU head does not depend on the masks, so this is the same selection as
             # decoding every candidate and filtering after.
             tick = time.perf_counter()
-            low_res = self._low_res_logits(decoded, queries, order[queries])
+            low_res = model.mask_decoder.candidate_masks(decoded, queries, order[queries])
             decode_seconds += _elapsed(tick, device)
 
             tick = time.perf_counter()
@@ -258,15 +257,6 @@ class AutomaticMaskGenerator:
             logits = empty.new_zeros((0, *low_res_size))
             kept.append(_Candidates(logits, empty, empty, empty.long()))
         return _Candidates.concatenate(kept), decode_seconds, filter_seconds
-
-    def _low_res_logits(
-        self, decoded: DecodedTokens, queries: torch.Tensor, candidates: torch.Tensor
-    ) -> torch.Tensor:
-        """The decoder's low-res logits of chosen candidates of chosen queries: queries (n,)
-        indices into the decoded batch, candidates (n, k) multimask indices -> (n, k, 256, 256)
-        float32."""
-        decoder = self.predictor.model.mask_decoder
-        return decoder.candidate_masks(decoded, queries, candidates).float()
 
     def _low_res_nms(self, candidates: _Candidates, size: tuple[int, int]) -> torch.Tensor:
         """Indices kept by NMS on the low-res masks' boxes scaled to the image's pixels."""

@@ -23,7 +23,7 @@ from .predictor import PRECISIONS, Predictor
 from .prompts import Prompt
 
 logger = logging.getLogger(__name__)
-# checks on the built-in image, per (device, precision, encoder and decoder weights): a process
+# checks on the built-in image, per (device, precision, the model's weights): a process
 # that loads the same model again (a test suite, a reload) does not measure it again
 _BUILTIN_CHECKS: dict[tuple, PrecisionCheck] = {}
 
@@ -174,23 +174,26 @@ def check_fast_precision(
 ) -> PrecisionCheck:
     """Measure ``precision`` against float32 on ``image`` (default: the built-in one): the best
     masks of ``prompts`` (default: :func:`check_prompts`) and one timed encoder pass of each
-    after a warm-up pass of each."""
+    after a warm-up pass of each. The built-in check is measured once per process for the
+    same device, precision and weights."""
     if precision not in PRECISIONS or precision == "float32":
         raise ValueError(f"not a fast mode: {precision!r}")
-    if image is None and prompts is None:
-        memo_key = (
-            model.device,
-            precision,
-            Predictor(model).encoder_fingerprint,
-            _decoder_id(model),
+    if image is not None or prompts is not None:
+        image = builtin_check_image() if image is None else image
+        prompts = check_prompts(image.shape[:2]) if prompts is None else prompts
+        return _measure(model, precision, image, prompts)
+    memo_key = (model.device, precision, tensors_fingerprint(model.state_dict()))
+    if memo_key not in _BUILTIN_CHECKS:
+        _BUILTIN_CHECKS[memo_key] = _measure(
+            model, precision, builtin_check_image(), check_prompts()
         )
-        if memo_key not in _BUILTIN_CHECKS:
-            _BUILTIN_CHECKS[memo_key] = check_fast_precision(
-                model, precision, builtin_check_image(), check_prompts()
-            )
-        return _BUILTIN_CHECKS[memo_key]
-    image = builtin_check_image() if image is None else image
-    prompts = check_prompts(image.shape[:2]) if prompts is None else prompts
+    return _BUILTIN_CHECKS[memo_key]
+
+
+def _measure(
+    model: EfficientSam, precision: str, image: np.ndarray, prompts: list[Prompt]
+) -> PrecisionCheck:
+    """:func:`check_fast_precision`'s measurement itself."""
     predictors = {
         name: Predictor(model, InMemoryEmbeddingCache(64 * 1024**2), name, prepared_images=0)
         for name in ("float32", precision)
@@ -242,10 +245,3 @@ def choose_precision(model: EfficientSam, requested: str) -> PrecisionChoice:
             choice = PrecisionChoice(candidate if check.passed else "float32", reason, check)
     logger.info("precision %s -> %s: %s", requested, choice.precision, choice.reason)
     return choice
-
-
-def _decoder_id(model: EfficientSam) -> str:
-    """A fingerprint of the prompt encoder's and decoder's weights."""
-    return tensors_fingerprint(
-        {**model.prompt_encoder.state_dict(), **model.mask_decoder.state_dict()}
-    )

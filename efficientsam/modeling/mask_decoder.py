@@ -176,12 +176,8 @@ class MaskDecoder(nn.Module):
             states, pe, image_states = states[queries], pe[queries], image_states[queries]
         # final attention for the mask tokens of the K candidates only
         mask_tokens = [1 + i for i in decoded.candidates]
-        if mask_tokens == list(range(mask_tokens[0], mask_tokens[-1] + 1)):
-            token_index: slice | list[int] = slice(mask_tokens[0], mask_tokens[-1] + 1)
-        else:
-            token_index = mask_tokens
         mask_tokens_out = self.transformer.final_attention(
-            decoded.prepared, states[:, token_index], pe[:, token_index], image_states
+            decoded.prepared, states[:, mask_tokens], pe[:, mask_tokens], image_states
         )
         hyper_in = torch.stack(
             [
@@ -190,12 +186,8 @@ class MaskDecoder(nn.Module):
             ],
             dim=1,
         )  # (n, K, C_up)
-        if candidates.shape[1] != hyper_in.shape[1] or not torch.equal(
-            candidates,
-            torch.arange(hyper_in.shape[1], device=candidates.device).expand_as(candidates),
-        ):
-            index = candidates[:, :, None].expand(-1, -1, hyper_in.shape[2])
-            hyper_in = hyper_in.gather(1, index)
+        index = candidates[:, :, None].expand(-1, -1, hyper_in.shape[2])
+        hyper_in = hyper_in.gather(1, index)  # (n, k, C_up)
         return self.upscale_and_predict_masks(image_states, hyper_in, *decoded.prepared.grid_size)
 
     @staticmethod

@@ -51,6 +51,7 @@ def encode_brush_mask(mask: np.ndarray) -> np.ndarray:
     run_values = np.zeros(lengths.size, np.uint64)
     run_values[0 if flat[0] else 1 :: 2] = 255
 
+    long = None
     if lengths.max() > _CHUNK:
         # Runs longer than 2^16 values become full 2^16 chunks plus the remainder; every chunk
         # of a run longer than 256 values keeps the 16-bit form (class 4).
@@ -63,10 +64,9 @@ def encode_brush_mask(mask: np.ndarray) -> np.ndarray:
         is_last = np.zeros(int(repeats.sum()), bool)
         is_last[np.cumsum(repeats) - 1] = True
         lengths = np.where(is_last, np.repeat(remainder, repeats), _CHUNK)
-        chunk_class = _CLASS_BY_PIXELS[np.minimum(lengths >> 2, _CLASS_BY_PIXELS.size - 1)]
+    chunk_class = _CLASS_BY_PIXELS[np.minimum(lengths >> 2, _CLASS_BY_PIXELS.size - 1)]
+    if long is not None:
         chunk_class[long] = 4
-    else:
-        chunk_class = _CLASS_BY_PIXELS[np.minimum(lengths >> 2, _CLASS_BY_PIXELS.size - 1)]
 
     # Chunk classes: 1 repeat <= 8 values, 2 <= 16, 3 <= 256, 4 longer (16 bits); (class 0, a
     # literal of one word, never occurs: a run has 4 values a pixel). Every form keeps count - 1
